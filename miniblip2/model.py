@@ -1,0 +1,276 @@
+"""The glue: a checkpoint folder in, a `Blip2` model out that turns images into text.
+
+image -> processor -> pixel_values [B, 3, 224, 224]
+      -> vision_model -> image_embeds [B, 257, 1408]
+      -> qformer (32 queries) -> query_output [B, 32, 768]
+      -> language_projection -> image features [B, 32, 2560], put at the 32 `<image>` positions
+      -> OPT -> logits [B, T, 50304] -> greedy decoding -> ids -> text
+
+Mirrors `Blip2ForConditionalGeneration` (transformers' modeling_blip_2.py) and speaks its
+vocabulary: `forward`, `generate`, `batch_decode`, `processor(images=..., text=...)`.
+Arrays come in and go out as NumPy.
+
+Legend: B batch, T tokens, Q queries (32), Dq Q-Former width (768), D text width (2560).
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .config import read_config
+from .errors import CheckpointError, ImageError, PromptError
+from .generate import greedy_search
+from .nn import linear, namespace
+from .opt import embed_tokens, lm_head, opt_decoder
+from .processor import load_processor
+from .qformer import qformer_model
+from .vision import vision_model
+from .weights import check_weights, load_checkpoint, nest
+
+DEFAULT_NEW_TOKENS = 20  # transformers generates 20 new tokens when no length is set anywhere
+
+
+def _linear(prefix, n_out, n_in, bias=True):
+    shapes = {f"{prefix}.weight": (n_out, n_in)}
+    if bias:
+        shapes[f"{prefix}.bias"] = (n_out,)
+    return shapes
+
+
+def _norm(prefix, n):
+    return {f"{prefix}.weight": (n,), f"{prefix}.bias": (n,)}
+
+
+def _vision_shapes(c):
+    D, F, P = c.hidden_size, c.intermediate_size, c.patch_size
+    shapes = {"embeddings.class_embedding": (1, 1, D),
+              "embeddings.position_embedding": (1, (c.image_size // P) ** 2 + 1, D),
+              **_linear("embeddings.patch_embedding", D, c.num_channels, bias=True),
+              **_norm("post_layernorm", D)}
+    shapes["embeddings.patch_embedding.weight"] = (D, c.num_channels, P, P)
+    for i in range(c.num_hidden_layers):
+        layer = f"encoder.layers.{i}"
+        shapes |= {**_norm(f"{layer}.layer_norm1", D), **_norm(f"{layer}.layer_norm2", D),
+                   **_linear(f"{layer}.self_attn.qkv", 3 * D, D, bias=c.qkv_bias),
+                   **_linear(f"{layer}.self_attn.projection", D, D),
+                   **_linear(f"{layer}.mlp.fc1", F, D), **_linear(f"{layer}.mlp.fc2", D, F)}
+    return shapes
+
+
+def _qformer_attention_shapes(prefix, D, context_width):
+    return {**_linear(f"{prefix}.attention.query", D, D),
+            **_linear(f"{prefix}.attention.key", D, context_width),
+            **_linear(f"{prefix}.attention.value", D, context_width),
+            **_linear(f"{prefix}.output.dense", D, D), **_norm(f"{prefix}.output.LayerNorm", D)}
+
+
+def _qformer_shapes(c):
+    D, F = c.hidden_size, c.intermediate_size
+    shapes = _norm("layernorm", D)
+    for i in range(c.num_hidden_layers):
+        layer = f"encoder.layer.{i}"
+        shapes |= _qformer_attention_shapes(f"{layer}.attention", D, D)
+        if i % c.cross_attention_frequency == 0:
+            shapes |= _qformer_attention_shapes(f"{layer}.crossattention", D, c.encoder_hidden_size)
+        shapes |= {**_linear(f"{layer}.intermediate_query.dense", F, D),
+                   **_linear(f"{layer}.output_query.dense", D, F), **_norm(f"{layer}.output_query.LayerNorm", D)}
+    return shapes
+
+
+def _opt_shapes(c):
+    D, F = c.hidden_size, c.ffn_dim
+    shapes = {"model.decoder.embed_tokens.weight": (c.vocab_size, D),
+              "model.decoder.embed_positions.weight": (c.max_position_embeddings + 2, D),
+              **_norm("model.decoder.final_layer_norm", D), "lm_head.weight": (c.vocab_size, D)}
+    for i in range(c.num_hidden_layers):
+        layer = f"model.decoder.layers.{i}"
+        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            shapes |= _linear(f"{layer}.self_attn.{name}", D, D)
+        shapes |= {**_norm(f"{layer}.self_attn_layer_norm", D), **_norm(f"{layer}.final_layer_norm", D),
+                   **_linear(f"{layer}.fc1", F, D), **_linear(f"{layer}.fc2", D, F)}
+    return shapes
+
+
+# Every key of a Blip2ForConditionalGeneration checkpoint with its shape, from the config alone.
+def expected_shapes(config):
+    prefixed = lambda prefix, shapes: {f"{prefix}.{k}": v for k, v in shapes.items()}
+    return {"query_tokens": (1, config.num_query_tokens, config.qformer.hidden_size),
+            **prefixed("vision_model", _vision_shapes(config.vision)),
+            **prefixed("qformer", _qformer_shapes(config.qformer)),
+            **_linear("language_projection", config.text.hidden_size, config.qformer.hidden_size),
+            **prefixed("language_model", _opt_shapes(config.text))}
+
+
+TIED_WEIGHTS = {"language_model.lm_head.weight": "language_model.model.decoder.embed_tokens.weight"}
+
+
+def read_generation_defaults(folder, config):
+    """bos/eos/pad ids and length limits: generation_config.json over the text config."""
+    defaults = {"eos_token_id": config.text.eos_token_id, "pad_token_id": config.text.pad_token_id,
+                "max_length": None, "max_new_tokens": None}
+    path = Path(folder or "") / "generation_config.json"
+    if folder is not None and path.is_file():
+        try:
+            values = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CheckpointError(f"{path} is not valid JSON ({err}); download it again") from err
+        defaults |= {k: values[k] for k in defaults if values.get(k) is not None}
+    return defaults
+
+
+def _as_int_array(values, name):
+    array = np.asarray(values)
+    if array.ndim == 1:
+        array = array[None]
+    if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
+        raise PromptError(f"{name} must be a 2-D integer array [batch, tokens]; got {array.dtype} {array.shape}")
+    return array.astype(np.int64)
+
+
+class Blip2:
+    """A loaded BLIP-2 model: config, nested weights, processor, generation defaults."""
+
+    def __init__(self, config, weights, processor=None, generation_defaults=None):
+        self.config = config
+        self.weights = weights
+        self.processor = processor
+        self.generation_defaults = generation_defaults or read_generation_defaults(None, config)
+
+    # --- the stages, each returning what the reference returns at that point -------------
+
+    def vision(self, pixel_values, interpolate_pos_encoding=False):  # [B, 3, H, W] -> [B, 257, 1408]
+        pixel_values = self._check_pixels(pixel_values)
+        return vision_model(pixel_values, self.weights["vision_model"], self.config.vision, interpolate_pos_encoding)
+
+    def qformer(self, image_embeds):  # [B, 257, 1408] -> [B, 32, 768]
+        return qformer_model(self.weights["query_tokens"], image_embeds, self.weights["qformer"], self.config.qformer)
+
+    def project(self, query_output):  # [B, 32, 768] -> [B, 32, 2560]
+        return linear(query_output, self.weights["language_projection"])
+
+    def image_features(self, pixel_values, interpolate_pos_encoding=False):  # [B, 3, H, W] -> [B, Q, D]
+        return self.project(self.qformer(self.vision(pixel_values, interpolate_pos_encoding)))
+
+    # Blip2ForConditionalGeneration.forward/generate: embed the prompt, then masked_scatter the
+    # image features into the rows of the `<image>` tokens, in order.
+    def embed_inputs(self, input_ids, image_features):  # [B, T], [B, Q, D] -> [B, T, D]
+        xp = namespace(image_features)
+        is_image = input_ids == self.config.image_token_index  # [B, T]
+        counts = is_image.sum(axis=1)
+        if not np.all(counts == self.config.num_query_tokens):
+            raise PromptError(
+                f"each row of input_ids needs exactly {self.config.num_query_tokens} <image> tokens "
+                f"(id {self.config.image_token_index}); found {counts.tolist()}. Build inputs with model.processor")
+        embeds = embed_tokens(xp.asarray(input_ids), self.weights["language_model"])
+        embeds[xp.asarray(is_image)] = image_features.reshape(-1, image_features.shape[-1])
+        return embeds
+
+    def forward(self, pixel_values, input_ids, attention_mask=None, interpolate_pos_encoding=False):
+        """Logits [B, T, V] for every prompt position, as `Blip2ForConditionalGeneration(...).logits`."""
+        input_ids, attention_mask = self._check_prompt(input_ids, attention_mask, pixel_values)
+        self._check_length(input_ids.shape[1], 0)
+        features = self.image_features(pixel_values, interpolate_pos_encoding)
+        embeds = self.embed_inputs(input_ids, features)
+        w = self.weights["language_model"]
+        hidden = opt_decoder(embeds, attention_mask, w, self.config.text)
+        return np.asarray(lm_head(hidden, w))
+
+    def generate(self, pixel_values, input_ids=None, attention_mask=None, max_new_tokens=None,
+                 eos_token_id=None, pad_token_id=None, use_cache=True, interpolate_pos_encoding=False):
+        """Prompt ids followed by the new ids, laid out as `Blip2ForConditionalGeneration.generate`."""
+        batch = self._check_pixels(pixel_values).shape[0]
+        if input_ids is None:  # no prompt: the image tokens and BOS, as the reference builds them
+            start = [self.config.image_token_index] * self.config.num_query_tokens + [self.config.text.bos_token_id]
+            input_ids = np.tile(np.asarray(start, dtype=np.int64), (batch, 1))
+        input_ids, attention_mask = self._check_prompt(input_ids, attention_mask, pixel_values)
+        defaults = self.generation_defaults
+        if max_new_tokens is None:
+            max_new_tokens = self._default_new_tokens(input_ids.shape[1])
+        self._check_length(input_ids.shape[1], max_new_tokens)
+        eos = eos_token_id if eos_token_id is not None else defaults["eos_token_id"]
+        eos = (eos,) if isinstance(eos, int) else tuple(eos)
+        pad = pad_token_id if pad_token_id is not None else defaults["pad_token_id"]
+        embeds = self.embed_inputs(input_ids, self.image_features(pixel_values, interpolate_pos_encoding))
+        xp = namespace(embeds)
+        ids = greedy_search(embeds, xp.asarray(input_ids), xp.asarray(attention_mask), self.weights["language_model"],
+                            self.config.text, max_new_tokens, eos, pad, use_cache)
+        return np.asarray(ids)
+
+    # GenerationMixin._prepare_generated_length: a max_length from the checkpoint counts the prompt;
+    # with no length set anywhere, 20 new tokens, but never past the position table.
+    def _default_new_tokens(self, prompt_length):
+        defaults = self.generation_defaults
+        if defaults["max_new_tokens"] is not None:
+            return defaults["max_new_tokens"]
+        if defaults["max_length"] is not None:
+            return max(defaults["max_length"] - prompt_length, 0)
+        return max(min(DEFAULT_NEW_TOKENS, self.config.text.max_position_embeddings - prompt_length), 0)
+
+    def batch_decode(self, ids, skip_special_tokens=True):
+        return self._need_processor().tokenizer.batch_decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def caption(self, image, prompt=None, max_new_tokens=30, **generate_kwargs):
+        """Text for one image (a str) or for a list of images (a list of str)."""
+        single = not isinstance(image, (list, tuple))
+        images = [image] if single else list(image)
+        prompts = None if prompt is None else [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
+        inputs = self._need_processor()(images=images, text=prompts)
+        if prompt is None:
+            inputs.pop("input_ids", None), inputs.pop("attention_mask", None)
+        ids = self.generate(inputs["pixel_values"], inputs.get("input_ids"), inputs.get("attention_mask"),
+                            max_new_tokens=max_new_tokens, **generate_kwargs)
+        texts = [text.strip() for text in self.batch_decode(ids)]
+        return texts[0] if single else texts
+
+    # --- input checks: one clear error instead of a shape error deep inside NumPy ---------
+
+    def _need_processor(self):
+        if self.processor is None:
+            raise CheckpointError("this model was loaded without tokenizer/preprocessor files; "
+                                  "put them in the checkpoint folder (see weights/README.md)")
+        return self.processor
+
+    def _check_pixels(self, pixel_values):
+        if not hasattr(pixel_values, "shape") or len(pixel_values.shape) != 4 or pixel_values.shape[1] != 3:
+            shape = getattr(pixel_values, "shape", type(pixel_values).__name__)
+            raise ImageError(f"pixel_values must be a [batch, 3, height, width] array; got {shape}. "
+                             "Use model.processor(images=...) to make it from images")
+        return pixel_values
+
+    def _check_prompt(self, input_ids, attention_mask, pixel_values):
+        input_ids = _as_int_array(input_ids, "input_ids")
+        B = input_ids.shape[0]
+        attention_mask = np.ones_like(input_ids) if attention_mask is None else _as_int_array(attention_mask, "attention_mask")
+        if attention_mask.shape != input_ids.shape:
+            raise PromptError(f"attention_mask {attention_mask.shape} must have the shape of input_ids {input_ids.shape}")
+        if B != self._check_pixels(pixel_values).shape[0]:
+            raise PromptError(f"{B} prompts for {pixel_values.shape[0]} images: give one prompt per image")
+        vocab = self.config.text.vocab_size
+        if input_ids.min() < 0 or input_ids.max() >= vocab:
+            raise PromptError(f"input_ids must lie in [0, {vocab}); found {input_ids.min()}..{input_ids.max()}")
+        return input_ids, attention_mask
+
+    def _check_length(self, prompt_length, max_new_tokens):
+        limit = self.config.text.max_position_embeddings
+        if prompt_length + max_new_tokens > limit:
+            raise PromptError(
+                f"the prompt is {prompt_length} tokens ({self.config.num_query_tokens} for the image) and "
+                f"{max_new_tokens} new tokens were asked for: together more than the model's {limit} positions. "
+                "Shorten the prompt or ask for fewer new tokens")
+
+
+# Blip2ForConditionalGeneration.from_pretrained: config, weights checked against it, processor.
+def load(path, dtype="float32", progress=True):
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is not a folder; give the folder of a BLIP-2 checkpoint "
+                              "(config.json, *.safetensors, tokenizer files); see weights/README.md")
+    if str(dtype) != "float32":
+        raise CheckpointError(f"dtype {dtype!r}: on the CPU miniblip2 computes in float32 "
+                              "(float16 and bfloat16 files are converted when loaded)")
+    config = read_config(folder)
+    flat = load_checkpoint(folder, dtype=np.float32, progress=progress)
+    flat = check_weights(flat, expected_shapes(config), tied=TIED_WEIGHTS)
+    processor = load_processor(folder) if (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file() else None
+    return Blip2(config, nest(flat), processor, read_generation_defaults(folder, config))
