@@ -19,8 +19,7 @@ def tiny_config(vision=None, qformer=None, text=None, num_query_tokens=5):
     qformer_config = dict(hidden_size=24, num_hidden_layers=3, num_attention_heads=3, intermediate_size=50,
                           cross_attention_frequency=2)
     text_config = dict(model_type="opt", vocab_size=VOCAB_SIZE, hidden_size=36, num_hidden_layers=2,
-                       num_attention_heads=4, ffn_dim=44, max_position_embeddings=96, eos_token_id=EOS_TOKEN,
-                       word_embed_proj_dim=36)
+                       num_attention_heads=4, ffn_dim=44, max_position_embeddings=96, eos_token_id=EOS_TOKEN)
     return Blip2Config(vision_config=vision_config | (vision or {}), qformer_config=qformer_config | (qformer or {}),
                        text_config=text_config | (text or {}), num_query_tokens=num_query_tokens,
                        image_token_index=IMAGE_TOKEN)

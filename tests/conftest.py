@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny random BLIP-2 checkpoints written to disk the way the hub has them."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tiny import tiny_config, tiny_model
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+
+# Odd widths and head counts everywhere, cross-attention in every layer or every other one,
+# and an image whose patch grid is not the trained one (position interpolation).
+CONFIGS = {
+    "every-other-cross": tiny_config(),
+    "every-cross": tiny_config(vision=dict(num_attention_heads=5), qformer=dict(cross_attention_frequency=1,
+                               num_attention_heads=2), text=dict(hidden_size=33, num_attention_heads=3, ffn_dim=29)),
+    "small-patches": tiny_config(vision=dict(image_size=28, patch_size=4, num_hidden_layers=3),
+                                 qformer=dict(num_hidden_layers=2), num_query_tokens=3),
+}
+# (layout, dtype on disk): one file or several shards, fp32 / fp16 / bf16.
+LAYOUTS = [("single", torch.float32), ("sharded", torch.float32), ("single", torch.float16),
+           ("sharded", torch.bfloat16)]
+
+
+def save_checkpoint(model, folder, layout="single", dtype=torch.float32):
+    """save_pretrained in the hub layout; 'sharded' forces several model-0000N-of-0000M files."""
+    shard_size = "20KB" if layout == "sharded" else "10GB"
+    model.to(dtype).save_pretrained(folder, max_shard_size=shard_size)
+    files = sorted(p.name for p in Path(folder).glob("*.safetensors"))
+    assert (len(files) > 1) == (layout == "sharded"), files
+    return folder
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """checkpoint(config_name, layout, dtype) -> folder, each written once per session."""
+    made = {}
+
+    def make(name="every-other-cross", layout="single", dtype=torch.float32):
+        key = (name, layout, dtype)
+        if key not in made:
+            folder = tmp_path_factory.mktemp(f"{name}-{layout}-{str(dtype)[6:]}")
+            made[key] = save_checkpoint(tiny_model(CONFIGS[name]), folder, layout, dtype)
+        return made[key]
+
+    return make
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print the largest relative error per stage, the figure the parity bar is about."""
+    from test_parity import LARGEST_ERRORS
+    if LARGEST_ERRORS:
+        terminalreporter.section("largest relative error vs transformers (fp32)")
+        for stage, error in LARGEST_ERRORS.items():
+            terminalreporter.write_line(f"{stage:>12}: {error:.2e}")
