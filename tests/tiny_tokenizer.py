@@ -1,0 +1,201 @@
+"""Test helper: write a tiny OPT-style tokenizer and processor files into a folder.
+
+The real blip2-opt-2.7b tokenizer has 50,266 tokens; tests that build a tiny random
+Blip2ForConditionalGeneration need one with a few hundred, laid out the same way, so that both
+transformers' `Blip2Processor.from_pretrained(folder)` and miniblip2's `load_processor(folder)`
+load it as the same kind of tokenizer (a byte-level BPE `GPT2Tokenizer`) and agree on every id.
+
+Layout (the same conventions as the real OPT files, CHECKPOINTS.md 1.3):
+    0 <s>   1 <pad>   2 </s>   3 <unk>            fairseq order, as in OPT
+    4 .. 259                                      the 256 byte-level characters (so any text
+                                                  encodes, and "\n" is one token, "Ċ")
+    260 .. vocab_size - 2                         merges trained on CORPUS below
+    vocab_size - 1  <image>                       special added token: the model config sets
+                                                  image_token_index = vocab_size - 1
+BOS and EOS are both `</s>` (id 2), PAD is `<pad>` (id 1), exactly like the real files.
+The built-in corpus supports vocab_size from 262 (a single merge) to 1250.
+"""
+
+import json
+from pathlib import Path
+
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>"]  # ids 0..3, fairseq order as in OPT
+IMAGE_TOKEN = "<image>"
+BYTE_ALPHABET_SIZE = 256  # ByteLevel maps every byte to one printable character
+
+# A small built-in English corpus: captions and VQA prompts like the ones BLIP-2 sees, so the
+# merges look like real words. Deterministic: the same text gives the same merges every run.
+CORPUS = """\
+a woman sitting on the beach with her dog
+a man riding a bicycle down a city street
+two children playing with a red ball in the park
+a cat sleeping on a wooden chair next to the window
+a plate of food with rice, chicken and vegetables
+a group of people standing around a kitchen table
+an airplane flying over the mountains at sunset
+a black and white photo of an old building
+a train passing through a station in the snow
+a bowl of fruit with apples, oranges and bananas
+a young boy holding a kite on a windy day
+a dog running across a green field of grass
+a woman talking on her phone while walking
+a living room with a couch, a television and a lamp
+a bus parked on the side of the road
+a little girl eating an ice cream cone
+a horse standing in a fence next to a barn
+a person surfing a large wave in the ocean
+a pizza with cheese and tomatoes on a table
+a bathroom with a white sink and a mirror
+Question: what is the woman holding? Answer: a frisbee
+Question: how many dogs are in the picture? Answer: two
+Question: which city is this? Answer: it's not a city, it's a beach
+Question: what color is the car? Answer: blue
+Question: where is the cat sitting? Answer: on the sofa
+Question: is it raining? Answer: no, the sky is clear
+Question: what time of day is it? Answer: early morning
+Question: what are the people doing? Answer: they are playing tennis
+The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs.
+Sphinx of black quartz, judge my vow! How vexingly quick daft zebras jump.
+In 2023, the museum opened 14 new rooms and welcomed 1,250,000 visitors.
+She sells sea shells by the sea shore; the shells she sells are surely sea shells.
+Photographs of streets, rivers, bridges, markets, gardens, harbours and villages.
+Every morning the baker wakes before dawn, kneads the dough and lights the oven.
+The weather forecast promised sunshine, but thunderstorms arrived in the afternoon.
+Scientists measured temperatures, pressures and wind speeds across the northern hemisphere.
+Bright yellow flowers bloomed along the narrow path that climbed towards the castle.
+The orchestra rehearsed symphonies, concertos and overtures throughout the winter season.
+Volunteers planted thousands of trees, repaired fences and cleaned beaches last summer.
+A friendly waiter brought coffee, orange juice, pancakes, eggs and crispy bacon.
+Engineers designed lighter bridges, quieter engines and more efficient solar panels.
+Students visited libraries, laboratories, observatories and botanical gardens together.
+The journalist interviewed farmers, fishermen, shopkeepers, teachers and firefighters.
+Snow covered the rooftops while children built snowmen and threw snowballs outside.
+Question: what kind of animal is shown? Answer: a giraffe eating leaves from a tall tree
+Question: why is the man wearing a helmet? Answer: because he is riding a motorcycle
+Question: what is written on the sign? Answer: stop, one way, parking only
+a skateboarder performing a trick on a ramp under a cloudy sky
+an elephant walking through shallow water with its calf
+a laptop, a keyboard and a cup of coffee on an office desk
+a sailboat drifting across a calm lake surrounded by pine forests
+fresh vegetables, carrots, peppers, cucumbers and lettuce at a farmers market
+a firefighter climbing a ladder towards a smoking window
+Quietly, the gymnast balanced, twisted, jumped and landed perfectly.
+Zookeepers photographed penguins, flamingos, kangaroos, leopards and hippopotamuses.
+Hungry squirrels gathered acorns, walnuts and chestnuts beneath the maple branches.
+"""
+
+
+def build_tiny_tokenizer(folder, vocab_size: int) -> None:
+    """Write tokenizer.json, vocab.json, merges.txt, added_tokens.json, tokenizer_config.json
+    and special_tokens_map.json for a byte-level BPE of exactly `vocab_size` tokens."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab, merges = train_merges(vocab_size - 1)  # the last id is kept for <image>
+    tokenizer = opt_style_tokenizer(vocab, merges)
+    assert tokenizer.get_vocab_size(with_added_tokens=True) == vocab_size
+    tokenizer.save(str(folder / "tokenizer.json"))
+    write_vocab_and_merges(folder, vocab, merges)
+    write_json(folder / "added_tokens.json", {IMAGE_TOKEN: vocab_size - 1})
+    write_json(folder / "special_tokens_map.json", special_tokens_map())
+    write_json(folder / "tokenizer_config.json", tokenizer_config(vocab_size - 1))
+
+
+# Byte-level BPE training with `tokenizers` (what GPT-2's merges were made with, in miniature).
+def train_merges(size: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Train on CORPUS until the vocabulary (specials + bytes + merges) has `size` tokens."""
+    smallest = len(SPECIAL_TOKENS) + BYTE_ALPHABET_SIZE + 1  # at least one merge
+    if size < smallest:
+        raise ValueError(f"vocab_size must be at least {smallest + 1} (4 specials, 256 bytes, "
+                         f"one merge, <image>); got {size + 1}")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=size, min_frequency=1, show_progress=False, special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(CORPUS.splitlines(), trainer=trainer)
+    trained = json.loads(tokenizer.to_str())["model"]
+    vocab = trained["vocab"]
+    if len(vocab) != size:
+        raise ValueError(f"the built-in corpus only yields {len(vocab) + 1} tokens; "
+                         f"ask for a vocab_size of at most {len(vocab) + 1}, not {size + 1}")
+    return vocab, [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in trained["merges"]]
+
+
+# The pipeline of the real tokenizer.json (and of transformers' GPT2Tokenizer.__init__).
+def opt_style_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]]) -> Tokenizer:
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None,
+                                     continuing_subword_prefix="", end_of_word_suffix="",
+                                     fuse_unk=False))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    # The real file marks only <pad> and </s> as added special tokens (normalized=True);
+    # <s> and <unk> are plain vocabulary entries there, so decoding does not skip them.
+    tokenizer.add_special_tokens([AddedToken(t, normalized=True, special=True) for t in ("<pad>", "</s>")])
+    tokenizer.add_special_tokens([AddedToken(IMAGE_TOKEN, normalized=False, special=True)])
+    # OPT prepends </s> (id 2) as BOS and appends nothing.
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="</s> $A", pair="</s> $A $B:1", special_tokens=[("</s>", 2)])
+    return tokenizer
+
+
+def write_vocab_and_merges(folder: Path, vocab: dict[str, int], merges: list[tuple[str, str]]) -> None:
+    write_json(folder / "vocab.json", vocab)
+    lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
+    (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def special_tokens_map() -> dict:
+    def token(content):
+        return {"content": content, "lstrip": False, "normalized": True, "rstrip": False,
+                "single_word": False}
+    return {"bos_token": token("</s>"), "eos_token": token("</s>"),
+            "pad_token": token("<pad>"), "unk_token": token("</s>")}
+
+
+def tokenizer_config(image_token_id: int) -> dict:
+    def added(content, normalized):
+        return {"content": content, "lstrip": False, "normalized": normalized, "rstrip": False,
+                "single_word": False, "special": True}
+    return {
+        "add_bos_token": True,
+        "add_prefix_space": False,
+        "added_tokens_decoder": {"1": added("<pad>", True), "2": added("</s>", True),
+                                 str(image_token_id): added(IMAGE_TOKEN, False)},
+        "bos_token": "</s>",
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "</s>",
+        "errors": "replace",
+        "model_max_length": 1000000000000000019884624838656,
+        "pad_token": "<pad>",
+        "processor_class": "Blip2Processor",
+        "tokenizer_class": "GPT2Tokenizer",
+        "unk_token": "</s>",
+    }
+
+
+def build_tiny_processor_files(folder, image_size: int, num_query_tokens: int) -> None:
+    """Write preprocessor_config.json and processor_config.json like blip2-opt-2.7b's, with a
+    square `image_size` and `num_query_tokens` <image> tokens per image."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / "preprocessor_config.json", {
+        "do_convert_rgb": True,
+        "do_normalize": True,
+        "do_rescale": True,
+        "do_resize": True,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_processor_type": "BlipImageProcessor",
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "processor_class": "Blip2Processor",
+        "resample": 3,
+        "rescale_factor": 0.00392156862745098,
+        "size": {"height": image_size, "width": image_size},
+    })
+    write_json(folder / "processor_config.json",
+               {"num_query_tokens": num_query_tokens, "processor_class": "Blip2Processor"})
+
+
+def write_json(path: Path, data) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
