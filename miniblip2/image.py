@@ -70,6 +70,7 @@ def read_image_config(folder) -> ImageConfig:
     return ImageConfig(**values)
 
 
+# The image processor's settings as saved: its own file, or (v5) an entry of the processor's.
 def image_processor_settings(folder: Path) -> dict:
     preprocessor = folder / "preprocessor_config.json"
     if preprocessor.is_file():
@@ -83,27 +84,33 @@ def image_processor_settings(folder: Path) -> dict:
 
 # `get_size_dict` in image_processing_utils.py: an int means a square (default_to_square=True).
 def size_fields(size, folder: Path) -> dict:
+    if isinstance(size, dict):
+        size = {k: v for k, v in size.items() if v is not None}  # v5 SizeDicts write unset keys as null
     if size is None:
         return {}
-    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+    if is_positive_int(size):
         return {"height": size, "width": size}
-    if isinstance(size, dict):
-        size = {k: v for k, v in size.items() if v is not None}  # v5 SizeDicts store unset keys as null
-    if isinstance(size, dict) and {"height", "width"} <= size.keys():
-        return {"height": int(size["height"]), "width": int(size["width"])}
-    if isinstance(size, dict) and set(size) == {"shortest_edge"}:
-        return {"shortest_edge": int(size["shortest_edge"])}
+    if isinstance(size, dict) and set(size) == {"height", "width"} and all(map(is_positive_int, size.values())):
+        return {"height": size["height"], "width": size["width"]}
+    if isinstance(size, dict) and set(size) == {"shortest_edge"} and is_positive_int(size["shortest_edge"]):
+        return {"shortest_edge": size["shortest_edge"]}
     raise CheckpointError(f"{folder}: image processor size {size!r} is not supported; use an int, "
                           '{"height": h, "width": w} or {"shortest_edge": s}.')
 
 
+def is_positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+# image_mean / image_std: three numbers, one per RGB channel (transformers also allows one number).
 def channel_values(values, key: str, folder: Path) -> tuple[float, ...]:
     values = tuple(values) if isinstance(values, (list, tuple)) else (values,) * 3
-    if len(values) != 3:
-        raise CheckpointError(f"{folder}: {key} has {len(values)} values; RGB needs 3 (or one number).")
+    if len(values) != 3 or not all(isinstance(v, (int, float)) for v in values):
+        raise CheckpointError(f"{folder}: {key} = {values!r}; RGB needs 3 numbers (or one number).")
     return tuple(float(v) for v in values)
 
 
+# A JSON file that must hold an object; any failure names the file.
 def read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -143,6 +150,7 @@ def load_image(image) -> PIL.Image.Image:
     return to_rgb(to_8bit(image))
 
 
+# `PIL.Image.open` + `ImageOps.exif_transpose`, as transformers' load_image does for a path.
 def open_image_file(path: Path) -> PIL.Image.Image:
     if not path.exists():
         raise ImageError(f"{path}: no such file; check the path.")
@@ -185,6 +193,7 @@ def array_to_pil(array: np.ndarray) -> PIL.Image.Image:
     return PIL.Image.fromarray(np.ascontiguousarray(pixels))
 
 
+# The 8-bit pixels PIL resizes: uint8 as is, floats in [0, 1] scaled by 255, anything else refused.
 def array_to_uint8(array: np.ndarray) -> np.ndarray:
     if array.dtype == np.uint8:
         return array
@@ -217,6 +226,7 @@ def to_8bit(image: PIL.Image.Image) -> PIL.Image.Image:
     return PIL.Image.fromarray((np.clip(values, 0, 65535).astype(np.uint32) >> 8).astype(np.uint8))
 
 
+# Mode "F": [0, 1] data scaled like a float array; anything else by PIL's rule, as transformers.
 def float_to_8bit(image: PIL.Image.Image, values: np.ndarray) -> PIL.Image.Image:
     if not np.isfinite(values).all():
         raise ImageError("the float (mode F) image contains NaN or infinite values; fix those pixels.")

@@ -62,6 +62,7 @@ class Processor:
             inputs["pixel_values"] = preprocess(images, self.image_config)  # [B, 3, 224, 224]
         return inputs
 
+    # The tokenizer half of Blip2Processor.__call__: encode, pad, then the image ids in front.
     def text_inputs(self, prompts: list[str], with_images: bool, padding_side: str) -> dict[str, np.ndarray]:
         rows = [self.tokenizer.encode(prompt) for prompt in prompts]  # B x [T_b]: [2, ...]
         input_ids, attention_mask = pad(rows, self.tokenizer.pad_token_id, padding_side)  # [B, T]
@@ -88,6 +89,7 @@ def check_counts(images, prompts: list[str]) -> None:
                           f"(for the same prompt on every image: text=[prompt] * {n_images}).")
 
 
+# "a list of ['int', 'str']": what the caller passed, for the error message.
 def describe(value) -> str:
     if isinstance(value, (list, tuple)):
         return f"a {type(value).__name__} of {sorted({type(v).__name__ for v in value}) or 'nothing'}"
@@ -154,6 +156,7 @@ def read_image_token_id(folder: Path, tokenizer: Tokenizer) -> int:
     return tokenizer.image_token_id
 
 
+# A JSON file that must hold an object; any failure names the file.
 def read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))

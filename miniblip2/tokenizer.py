@@ -64,11 +64,13 @@ class Tokenizer:
 
     # `GPT2Tokenizer.batch_decode`: ids [B, T] (array or list of lists) -> B strings.
     def batch_decode(self, ids, skip_special_tokens: bool = True) -> list[str]:
-        if isinstance(ids, np.ndarray) and ids.ndim != 2:
-            raise PromptError(f"batch_decode takes ids of shape [batch, tokens]; got {ids.shape}.")
+        if not isinstance(ids, (list, tuple, np.ndarray)) or (isinstance(ids, np.ndarray) and ids.ndim != 2):
+            raise PromptError(f"batch_decode takes ids of shape [batch, tokens] (a 2-D array or a list of "
+                              f"lists); got {getattr(ids, 'shape', type(ids).__name__)}.")
         return [self.decode(row, skip_special_tokens) for row in ids]
 
 
+# One sequence of ids (list, tuple or 1-D array) -> list of Python ints the backend accepts.
 def id_list(ids) -> list[int]:
     try:
         ids = np.asarray(ids)
@@ -98,6 +100,7 @@ def load_tokenizer(folder) -> Tokenizer:
     )
 
 
+# tokenizer.json when present (as transformers prefers it), else the classic GPT-2 pair.
 def backend_from_files(folder: Path, special: dict) -> Backend:
     tokenizer_json = folder / "tokenizer.json"
     if tokenizer_json.is_file():
@@ -190,6 +193,7 @@ def special_token_names(folder: Path) -> dict:
     return names
 
 
+# The id of a named special token ("</s>" -> 2); a name missing from the vocabulary is an error.
 def token_id(backend: Backend, special: dict, key: str, folder: Path) -> int:
     name = special.get(key)
     if name is None or backend.token_to_id(name) is None:
@@ -208,6 +212,7 @@ def with_image_token(tokenizer: Tokenizer) -> Tokenizer:
                      backend.token_to_id(IMAGE_TOKEN))
 
 
+# A JSON file that must hold an object; any failure names the file.
 def read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))

@@ -228,3 +228,5 @@ def test_bad_prompts_and_ids(tiny):
         tokenizer.decode([[2, 3]])
     with pytest.raises(PromptError, match=r"\[batch, tokens\]"):
         tokenizer.batch_decode(np.array([2, 3]))
+    with pytest.raises(PromptError, match=r"\[batch, tokens\]"):
+        tokenizer.batch_decode(7)
