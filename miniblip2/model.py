@@ -211,7 +211,10 @@ class Blip2:
         return self._need_processor().tokenizer.batch_decode(ids, skip_special_tokens=skip_special_tokens)
 
     def caption(self, image, prompt=None, max_new_tokens=30, **generate_kwargs):
-        """Text for one image (a str) or for a list of images (a list of str)."""
+        """The generated text for one image (a str) or for a list of images (a list of str).
+
+        With a prompt ("Question: ... Answer:") only the continuation is returned; `generate`
+        and `batch_decode` give the prompt and the continuation together, as transformers does."""
         single = not isinstance(image, (list, tuple))
         images = [image] if single else list(image)
         prompts = None if prompt is None else [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
@@ -220,7 +223,8 @@ class Blip2:
             inputs.pop("input_ids", None), inputs.pop("attention_mask", None)
         ids = self.generate(inputs["pixel_values"], inputs.get("input_ids"), inputs.get("attention_mask"),
                             max_new_tokens=max_new_tokens, **generate_kwargs)
-        texts = [text.strip() for text in self.batch_decode(ids)]
+        prompt_length = inputs["input_ids"].shape[1] if prompt is not None else self.config.num_query_tokens + 1
+        texts = [text.strip() for text in self.batch_decode(ids[:, prompt_length:])]  # the answer, not the prompt
         return texts[0] if single else texts
 
     # --- input checks: one clear error instead of a shape error deep inside NumPy ---------

@@ -16,7 +16,7 @@ from transformers import BlipImageProcessorPil
 
 from miniblip2.errors import CheckpointError, ImageError
 from miniblip2.image import ImageConfig, load_image, preprocess, read_image_config
-from tiny_tokenizer import build_tiny_processor_files
+from miniblip2.tiny_tokenizer import build_tiny_processor_files
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "blip2-opt-2.7b"
 PARITY = 1e-6

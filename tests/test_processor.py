@@ -15,7 +15,7 @@ from transformers import Blip2Processor
 
 from miniblip2.errors import CheckpointError, PromptError
 from miniblip2.processor import load_processor
-from tiny_tokenizer import build_tiny_processor_files, build_tiny_tokenizer
+from miniblip2.tiny_tokenizer import build_tiny_processor_files, build_tiny_tokenizer
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "blip2-opt-2.7b"
 needs_reference = pytest.mark.skipif(not REFERENCE.is_dir(), reason="../shared/reference is not beside the repo")

@@ -14,7 +14,7 @@ from transformers import AutoTokenizer, GPT2Tokenizer
 
 from miniblip2.errors import CheckpointError, PromptError
 from miniblip2.tokenizer import load_tokenizer, with_image_token
-from tiny_tokenizer import CORPUS, build_tiny_tokenizer
+from miniblip2.tiny_tokenizer import CORPUS, build_tiny_tokenizer
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "blip2-opt-2.7b"
 needs_reference = pytest.mark.skipif(not REFERENCE.is_dir(), reason="../shared/reference is not beside the repo")

@@ -1,4 +1,4 @@
-"""Test helper: write a tiny OPT-style tokenizer and processor files into a folder.
+"""Write a tiny OPT-style tokenizer and processor files into a folder (random checkpoints, tests).
 
 The real blip2-opt-2.7b tokenizer has 50,266 tokens; tests that build a tiny random
 Blip2ForConditionalGeneration need one with a few hundred, laid out the same way, so that both

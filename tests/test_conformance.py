@@ -1,0 +1,104 @@
+"""Conformance to the real blip2-opt-2.7b layout: its config.json and the key names and shapes
+of its model.safetensors.index.json, with the towers cut to a few layers.
+
+A random checkpoint is written with exactly those names, the real widths (1408 / 768 / 2560,
+vocabulary 50304), the real two-shard split (later decoder layers in shard 2) and the real
+diff-dict config, then loaded and run by miniblip2 and by transformers. Skipped where
+../shared/reference is absent.
+"""
+
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from transformers import Blip2ForConditionalGeneration
+
+import miniblip2
+from conftest import REFERENCE
+from miniblip2.weights import save_safetensors
+
+REAL = REFERENCE / "blip2-opt-2.7b"
+LAYERS = {"vision_model.encoder.layers": 1, "qformer.encoder.layer": 2, "language_model.model.decoder.layers": 2}
+TOL = 1e-4  # the parity bar; float32 rounding at these widths measures about 1e-6
+
+pytestmark = pytest.mark.skipif(not REAL.is_dir(), reason="../shared/reference is absent")
+
+
+def kept(name):
+    """Keep layers 0..N-1 of each tower and every non-layer key."""
+    for prefix, n in LAYERS.items():
+        match = re.match(re.escape(prefix) + r"\.(\d+)\.", name)
+        if match:
+            return int(match.group(1)) < n
+    return True
+
+
+@pytest.fixture(scope="module")
+def real_layout(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("blip2-opt-2.7b-cut")
+    index = json.loads((REAL / "model.safetensors.index.json").read_text())
+    names = [name for name in index["weight_map"] if kept(name)]
+    config = json.loads((REAL / "config.json").read_text())
+    config["vision_config"]["num_hidden_layers"] = LAYERS["vision_model.encoder.layers"]
+    config["qformer_config"]["num_hidden_layers"] = LAYERS["qformer.encoder.layer"]
+    config["text_config"]["num_hidden_layers"] = LAYERS["language_model.model.decoder.layers"]
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    for small in ["generation_config.json", "preprocessor_config.json", "processor_config.json", "tokenizer.json",
+                  "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt"]:
+        shutil.copy(REAL / small, folder / small)
+
+    # The real shapes, from the config (the index lists names only): ask transformers' own model
+    # on the meta device, which allocates nothing.
+    from transformers import Blip2Config
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in
+                  Blip2ForConditionalGeneration(Blip2Config.from_pretrained(folder)).state_dict().items()}
+    rng = np.random.default_rng(0)
+    shards = {"model-00001-of-00002.safetensors": {}, "model-00002-of-00002.safetensors": {}}
+    last_decoder_layer = f"language_model.model.decoder.layers.{LAYERS['language_model.model.decoder.layers'] - 1}."
+    for name in names:
+        shape = shapes[name]
+        values = rng.standard_normal(shape, dtype=np.float32) * 0.02
+        if name.endswith(("norm.weight", "LayerNorm.weight", "layernorm.weight")):
+            values += 1  # layer norm scales near 1, as trained ones are
+        shard = 2 if name.startswith(last_decoder_layer) else 1  # as the real file splits the decoder
+        shards[f"model-0000{shard}-of-00002.safetensors"][name] = values.astype(np.float16)
+    weight_map = {}
+    for file, tensors in shards.items():
+        save_safetensors(folder / file, tensors)
+        weight_map |= {name: file for name in tensors}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder, names
+
+
+def test_cut_checkpoint_has_the_real_names(real_layout):
+    folder, names = real_layout
+    assert "language_model.lm_head.weight" not in names  # tied to embed_tokens, as in the real file
+    model = miniblip2.load(folder)
+    assert model.weights["language_model"]["model"]["decoder"]["embed_tokens"]["weight"].shape == (50304, 2560)
+    assert model.weights["vision_model"]["embeddings"]["position_embedding"].shape == (1, 257, 1408)
+    assert "crossattention" in model.weights["qformer"]["encoder"]["layer"][0]
+    assert "crossattention" not in model.weights["qformer"]["encoder"]["layer"][1]
+    assert model.config.vision.layer_norm_eps == 1e-6 and model.config.text.eos_token_id == 50118
+
+
+def test_real_layout_runs_and_matches_transformers(real_layout):
+    folder, _ = real_layout
+    ours = miniblip2.load(folder)
+    theirs = Blip2ForConditionalGeneration.from_pretrained(folder, dtype=torch.float32,
+                                                           attn_implementation="eager").eval()
+    rng = np.random.default_rng(1)
+    pixels = rng.standard_normal((1, 3, 224, 224)).astype(np.float32)
+    ids = np.array([[50265] * 32 + [2, 45641, 35, 61, 343, 16, 42, 116, 31652, 35]])  # "Question: which city..."
+    with torch.no_grad():
+        logits = theirs(pixel_values=torch.from_numpy(pixels), input_ids=torch.from_numpy(ids)).logits
+        expected = theirs.generate(pixel_values=torch.from_numpy(pixels), input_ids=torch.from_numpy(ids),
+                                   max_new_tokens=5, do_sample=False)
+    ours_logits = ours.forward(pixels, ids)
+    assert ours_logits.shape == (1, 42, 50304)
+    error = np.abs(ours_logits - logits.numpy()).max() / np.abs(logits.numpy()).max()
+    assert error < TOL, error
+    np.testing.assert_array_equal(ours.generate(pixels, ids, max_new_tokens=5), expected.numpy())
