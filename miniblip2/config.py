@@ -147,14 +147,20 @@ def config_from_dict(values: dict) -> Blip2Config:
     return config
 
 
+# A JSON file that must hold an object (config.json and the other small hub files); any
+# failure names the file.
+def read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path} could not be read as JSON ({err}); re-download it.") from err
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} should hold a JSON object, not {type(data).__name__}; re-download it.")
+    return data
+
+
 def read_config(folder) -> Blip2Config:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{path} not found: a checkpoint folder needs config.json (see weights/README.md)")
-    try:
-        values = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path} is not valid JSON ({err}); download it again") from err
-    if not isinstance(values, dict):
-        raise CheckpointError(f"{path} does not hold a JSON object; download it again")
-    return config_from_dict(values)
+    return config_from_dict(read_json(path))

@@ -15,7 +15,6 @@ antialiased bicubic is close to PIL's but not bit-identical, so pixel parity is 
 Legend: B images in a batch, H height, W width (224 x 224 for blip2-opt-2.7b), C channels (3, RGB).
 """
 
-import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import numpy as np
 import PIL.Image
 import PIL.ImageOps
 
+from .config import read_json
 from .errors import CheckpointError, ImageError
 
 # OPENAI_CLIP_MEAN / OPENAI_CLIP_STD in transformers' image_utils.py: BLIP-2's EVA ViT was
@@ -108,17 +108,6 @@ def channel_values(values, key: str, folder: Path) -> tuple[float, ...]:
     if len(values) != 3 or not all(isinstance(v, (int, float)) for v in values):
         raise CheckpointError(f"{folder}: {key} = {values!r}; RGB needs 3 numbers (or one number).")
     return tuple(float(v) for v in values)
-
-
-# A JSON file that must hold an object; any failure names the file.
-def read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path} could not be read as JSON ({err}); re-download it.") from err
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} should hold a JSON object, not {type(data).__name__}; re-download it.")
-    return data
 
 
 # ---------------------------------------------------------------------------------------------

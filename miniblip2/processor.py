@@ -21,12 +21,12 @@ prompt's positions continue right after the image tokens either way.
 Legend: B images = prompts, T prompt tokens incl. BOS, Q num_query_tokens (32).
 """
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .config import read_json
 from .errors import CheckpointError, PromptError
 from .image import ImageConfig, preprocess, read_image_config
 from .tokenizer import Tokenizer, load_tokenizer, with_image_token
@@ -154,14 +154,3 @@ def read_image_token_id(folder: Path, tokenizer: Tokenizer) -> int:
                               f"<image> is id {tokenizer.image_token_id}; the files are from different "
                               "checkpoints.")
     return tokenizer.image_token_id
-
-
-# A JSON file that must hold an object; any failure names the file.
-def read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path} could not be read as JSON ({err}); re-download it.") from err
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} should hold a JSON object, not {type(data).__name__}; re-download it.")
-    return data

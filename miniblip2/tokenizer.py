@@ -20,7 +20,6 @@ lives in its config, not here.
 Legend: B prompts in a batch, T tokens.
 """
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import numpy as np
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
 
+from .config import read_json
 from .errors import CheckpointError, PromptError
 
 IMAGE_TOKEN = "<image>"
@@ -210,14 +210,3 @@ def with_image_token(tokenizer: Tokenizer) -> Tokenizer:
     backend.add_special_tokens([AddedToken(IMAGE_TOKEN, normalized=False, special=True)])
     return Tokenizer(backend, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id,
                      backend.token_to_id(IMAGE_TOKEN))
-
-
-# A JSON file that must hold an object; any failure names the file.
-def read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path} could not be read as JSON ({err}); re-download it.") from err
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} should hold a JSON object, not {type(data).__name__}; re-download it.")
-    return data

@@ -47,7 +47,7 @@ def test_missing_folder_and_missing_config(tmp_path):
 def test_config_that_is_not_json(tiny, tmp_path):
     folder = copy_checkpoint(tiny, tmp_path / "ckpt")
     (folder / "config.json").write_text("{ not json")
-    with pytest.raises(CheckpointError, match="not valid JSON"):
+    with pytest.raises(CheckpointError, match="could not be read as JSON"):
         miniblip2.load(folder)
 
 
