@@ -10,6 +10,7 @@ diff-dict config, then loaded and run by miniblip2 and by transformers. Skipped 
 import json
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from conftest import REFERENCE
 from miniblip2.weights import save_safetensors
 
 REAL = REFERENCE / "blip2-opt-2.7b"
+EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "example.png"
 LAYERS = {"vision_model.encoder.layers": 1, "qformer.encoder.layer": 2, "language_model.model.decoder.layers": 2}
 TOL = 1e-4  # the parity bar; float32 rounding at these widths measures about 1e-6
 
@@ -102,3 +104,19 @@ def test_real_layout_runs_and_matches_transformers(real_layout):
     error = np.abs(ours_logits - logits.numpy()).max() / np.abs(logits.numpy()).max()
     assert error < TOL, error
     np.testing.assert_array_equal(ours.generate(pixels, ids, max_new_tokens=5), expected.numpy())
+
+
+def test_real_processor_files_drive_the_same_caption(real_layout):
+    """The real preprocessor, processor and tokenizer files: image file + question in, same text out."""
+    from PIL import Image
+    from transformers import Blip2Processor
+    folder, _ = real_layout
+    ours = miniblip2.load(folder)
+    theirs = Blip2ForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    processor = Blip2Processor.from_pretrained(folder)
+    image, question = EXAMPLE, "Question: what is in the picture? Answer:"
+    inputs = processor(images=Image.open(image), text=question, return_tensors="pt")
+    with torch.no_grad():
+        ids = theirs.generate(**inputs, max_new_tokens=4, do_sample=False)
+    expected = processor.batch_decode(ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip()
+    assert ours.caption(image, prompt=question, max_new_tokens=4) == expected
