@@ -39,6 +39,12 @@ def new_cache(config, batch_size, capacity, dtype, xp):
     return KVCache([xp.zeros(shape, dtype=dtype) for _ in layers], [xp.zeros(shape, dtype=dtype) for _ in layers])
 
 
+# Cache.reorder_cache, for beam search: row i of the new cache is row beam_idx[i] of the old one,
+# so each surviving beam keeps the keys and values of the beam it extends.
+def reorder_cache(cache, beam_idx):  # [R] indices into the cache's rows
+    return KVCache([k[beam_idx] for k in cache.keys], [v[beam_idx] for v in cache.values], cache.length)
+
+
 # OPTLearnedPositionalEmbedding: a token's position is the number of real tokens up to it,
 # counted from the attention mask, so left padding does not shift the prompt.
 def position_ids(attention_mask, past_length):  # [B, S] -> [B, T]
