@@ -4,7 +4,7 @@ image -> processor -> pixel_values [B, 3, 224, 224]
       -> vision_model -> image_embeds [B, 257, 1408]
       -> qformer (32 queries) -> query_output [B, 32, 768]
       -> language_projection -> image features [B, 32, 2560], put at the 32 `<image>` positions
-      -> OPT -> logits [B, T, 50304] -> greedy decoding -> ids -> text
+      -> OPT -> logits [B, T, 50304] -> greedy, beam search or sampling -> ids -> text
 
 Mirrors `Blip2ForConditionalGeneration` (transformers' modeling_blip_2.py) and speaks its
 vocabulary: `forward`, `generate`, `batch_decode`, `processor(images=..., text=...)`.
@@ -13,22 +13,21 @@ Arrays come in and go out as NumPy.
 Legend: B batch, T tokens, Q queries (32), Dq Q-Former width (768), D text width (2560).
 """
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from .config import read_config
 from .errors import CheckpointError, ImageError, PromptError
-from .generate import greedy_search
+from .generate import beam_search, expand_inputs, sample_steps
+from .generation_config import random_generator, read_generation_defaults, resolve_generation_config
 from .nn import linear, namespace
 from .opt import embed_tokens, lm_head, opt_decoder
 from .processor import load_processor
 from .qformer import qformer_model
+from .streaming import TextStreamer
 from .vision import vision_model
 from .weights import check_weights, load_checkpoint, nest
-
-DEFAULT_NEW_TOKENS = 20  # transformers generates 20 new tokens when no length is set anywhere
 
 
 def _linear(prefix, n_out, n_in, bias=True):
@@ -105,20 +104,6 @@ def expected_shapes(config):
 TIED_WEIGHTS = {"language_model.lm_head.weight": "language_model.model.decoder.embed_tokens.weight"}
 
 
-def read_generation_defaults(folder, config):
-    """bos/eos/pad ids and length limits: generation_config.json over the text config."""
-    defaults = {"eos_token_id": config.text.eos_token_id, "pad_token_id": config.text.pad_token_id,
-                "max_length": None, "max_new_tokens": None}
-    path = Path(folder or "") / "generation_config.json"
-    if folder is not None and path.is_file():
-        try:
-            values = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise CheckpointError(f"{path} is not valid JSON ({err}); download it again") from err
-        defaults |= {k: values[k] for k in defaults if values.get(k) is not None}
-    return defaults
-
-
 def _as_int_array(values, name):
     array = np.asarray(values)
     if array.ndim == 1:
@@ -176,36 +161,61 @@ class Blip2:
         hidden = opt_decoder(embeds, attention_mask, w, self.config.text)
         return np.asarray(lm_head(hidden, w))
 
-    def generate(self, pixel_values, input_ids=None, attention_mask=None, max_new_tokens=None,
-                 eos_token_id=None, pad_token_id=None, use_cache=True, interpolate_pos_encoding=False):
-        """Prompt ids followed by the new ids, laid out as `Blip2ForConditionalGeneration.generate`."""
+    def generate(self, pixel_values, input_ids=None, attention_mask=None, max_new_tokens=None, *, seed=None,
+                 generator=None, streamer=None, use_cache=True, interpolate_pos_encoding=False, **generation_kwargs):
+        """Prompt ids followed by the new ids, laid out as `Blip2ForConditionalGeneration.generate`.
+
+        Takes transformers' names: max_new_tokens, max_length, min_new_tokens, min_length,
+        do_sample, num_beams, num_return_sequences, temperature, top_k, top_p, repetition_penalty,
+        no_repeat_ngram_size, length_penalty, early_stopping (True, False, "never"), eos_token_id
+        (an id or a list), pad_token_id. Unset ones come from the checkpoint's
+        generation_config.json, then from transformers' defaults (greedy, 20 new tokens, top_k 50).
+
+        Sampling draws from `generator` (a np.random.Generator) or from a new one seeded with
+        `seed`: reproducible, from the distribution transformers samples, but never the very ids
+        torch's random stream would give. `streamer` is called as transformers calls one:
+        put(prompt ids [1, T]), put(new id [1]) after each step, end(); see `TextStreamer`.
+        With num_return_sequences n, each input's n rows come together, best beam first."""
+        embeds, input_ids, attention_mask, gen, rng = self._prepare_generation(
+            pixel_values, input_ids, attention_mask, seed, generator, interpolate_pos_encoding,
+            dict(max_new_tokens=max_new_tokens, **generation_kwargs))
+        w, text_config = self.weights["language_model"], self.config.text
+        if gen.num_beams > 1:
+            if streamer is not None:
+                raise PromptError("`streamer` cannot be used with beam search (as in transformers): the text is "
+                                  "known only at the end. Set num_beams=1")
+            return np.asarray(beam_search(embeds, input_ids, attention_mask, w, text_config, gen, rng, use_cache))
+        xp, ids = namespace(embeds), input_ids
+        if streamer is not None:
+            streamer.put(np.asarray(ids))
+        for next_ids in sample_steps(embeds, input_ids, attention_mask, w, text_config, gen, rng, use_cache):
+            ids = xp.concat([ids, next_ids[:, None]], axis=1)
+            if streamer is not None:
+                streamer.put(np.asarray(next_ids))
+        if streamer is not None:
+            streamer.end()
+        return np.asarray(ids)
+
+    # Blip2ForConditionalGeneration.generate up to `language_model.generate`: the inputs checked,
+    # the settings resolved, the image features put into the prompt's embeddings, and every row
+    # repeated for its beams or samples (GenerationMixin._expand_inputs_for_generation).
+    def _prepare_generation(self, pixel_values, input_ids, attention_mask, seed, generator,
+                            interpolate_pos_encoding, arguments):
         batch = self._check_pixels(pixel_values).shape[0]
         if input_ids is None:  # no prompt: the image tokens and BOS, as the reference builds them
             start = [self.config.image_token_index] * self.config.num_query_tokens + [self.config.text.bos_token_id]
             input_ids = np.tile(np.asarray(start, dtype=np.int64), (batch, 1))
         input_ids, attention_mask = self._check_prompt(input_ids, attention_mask, pixel_values)
-        defaults = self.generation_defaults
-        if max_new_tokens is None:
-            max_new_tokens = self._default_new_tokens(input_ids.shape[1])
-        self._check_length(input_ids.shape[1], max_new_tokens)
-        eos = eos_token_id if eos_token_id is not None else defaults["eos_token_id"]
-        eos = (eos,) if isinstance(eos, int) else tuple(eos)
-        pad = pad_token_id if pad_token_id is not None else defaults["pad_token_id"]
+        text = self.config.text
+        gen = resolve_generation_config(self.generation_defaults, arguments, input_ids.shape[1],
+                                        text.max_position_embeddings, text.vocab_size)
+        self._check_length(input_ids.shape[1], gen.max_new_tokens)
+        rng = random_generator(seed, generator)
         embeds = self.embed_inputs(input_ids, self.image_features(pixel_values, interpolate_pos_encoding))
         xp = namespace(embeds)
-        ids = greedy_search(embeds, xp.asarray(input_ids), xp.asarray(attention_mask), self.weights["language_model"],
-                            self.config.text, max_new_tokens, eos, pad, use_cache)
-        return np.asarray(ids)
-
-    # GenerationMixin._prepare_generated_length: a max_length from the checkpoint counts the prompt;
-    # with no length set anywhere, 20 new tokens, but never past the position table.
-    def _default_new_tokens(self, prompt_length):
-        defaults = self.generation_defaults
-        if defaults["max_new_tokens"] is not None:
-            return defaults["max_new_tokens"]
-        if defaults["max_length"] is not None:
-            return max(defaults["max_length"] - prompt_length, 0)
-        return max(min(DEFAULT_NEW_TOKENS, self.config.text.max_position_embeddings - prompt_length), 0)
+        rows = expand_inputs(max(gen.num_beams, gen.num_return_sequences), embeds, xp.asarray(input_ids),
+                             xp.asarray(attention_mask))
+        return (*rows, gen, rng)
 
     def batch_decode(self, ids, skip_special_tokens=True):
         return self._need_processor().tokenizer.batch_decode(ids, skip_special_tokens=skip_special_tokens)
@@ -213,19 +223,50 @@ class Blip2:
     def caption(self, image, prompt=None, max_new_tokens=30, **generate_kwargs):
         """The generated text for one image (a str) or for a list of images (a list of str).
 
-        With a prompt ("Question: ... Answer:") only the continuation is returned; `generate`
-        and `batch_decode` give the prompt and the continuation together, as transformers does."""
+        With a prompt ("Question: ... Answer:", see `chat_prompt`) only the continuation is
+        returned; `generate` and `batch_decode` give the prompt and the continuation together, as
+        transformers does. Takes `generate`'s arguments; with num_return_sequences n > 1 each
+        image gives a list of n texts instead of one."""
         single = not isinstance(image, (list, tuple))
         images = [image] if single else list(image)
+        pixel_values, input_ids, attention_mask, prompt_length = self._caption_inputs(images, prompt)
+        ids = self.generate(pixel_values, input_ids, attention_mask, max_new_tokens=max_new_tokens, **generate_kwargs)
+        texts = [text.strip() for text in self.batch_decode(ids[:, prompt_length:])]  # the answer, not the prompt
+        n = len(texts) // len(images)  # num_return_sequences
+        per_image = texts if n == 1 else [texts[i * n:(i + 1) * n] for i in range(len(images))]
+        return per_image[0] if single else per_image
+
+    def stream(self, image, prompt=None, max_new_tokens=30, *, seed=None, generator=None, use_cache=True,
+               interpolate_pos_encoding=False, **generation_kwargs):
+        """Yield the caption of one image in pieces as the tokens come: "".join of the pieces is
+        `caption(image, prompt, ...)` with the same arguments. Greedy or sampling (a beam search
+        knows its text only at the end). A piece never ends inside a character or in text that a
+        later token could still change (see `TextStreamer`)."""
+        if isinstance(image, (list, tuple)):
+            raise PromptError("stream takes one image; use caption for a list of images")
+        pixel_values, input_ids, attention_mask, _ = self._caption_inputs([image], prompt)
+        embeds, input_ids, attention_mask, gen, rng = self._prepare_generation(
+            pixel_values, input_ids, attention_mask, seed, generator, interpolate_pos_encoding,
+            dict(max_new_tokens=max_new_tokens, **generation_kwargs))
+        if gen.num_beams > 1 or gen.num_return_sequences > 1:
+            raise PromptError("stream gives one text by greedy search or sampling: set num_beams=1 and "
+                              "num_return_sequences=1 (use caption for beam search)")
+        streamer = TextStreamer(self._need_processor().tokenizer)
+        streamer.put(input_ids)
+        w, text_config = self.weights["language_model"], self.config.text
+        for next_ids in sample_steps(embeds, input_ids, attention_mask, w, text_config, gen, rng, use_cache):
+            if piece := streamer.put(np.asarray(next_ids)):
+                yield piece
+        if piece := streamer.end():
+            yield piece
+
+    # The processor's inputs for `caption`/`stream`, and where the generated text starts.
+    def _caption_inputs(self, images, prompt):
         prompts = None if prompt is None else [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
         inputs = self._need_processor()(images=images, text=prompts)
-        if prompt is None:
-            inputs.pop("input_ids", None), inputs.pop("attention_mask", None)
-        ids = self.generate(inputs["pixel_values"], inputs.get("input_ids"), inputs.get("attention_mask"),
-                            max_new_tokens=max_new_tokens, **generate_kwargs)
-        prompt_length = inputs["input_ids"].shape[1] if prompt is not None else self.config.num_query_tokens + 1
-        texts = [text.strip() for text in self.batch_decode(ids[:, prompt_length:])]  # the answer, not the prompt
-        return texts[0] if single else texts
+        if prompt is None:  # generate builds the image tokens + BOS itself
+            return inputs["pixel_values"], None, None, self.config.num_query_tokens + 1
+        return inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"], inputs["input_ids"].shape[1]
 
     # --- input checks: one clear error instead of a shape error deep inside NumPy ---------
 
