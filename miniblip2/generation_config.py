@@ -8,14 +8,12 @@ defaults. Lengths are then turned into a number of new tokens as
 transformers' words where it has some.
 """
 
-import json
 import numbers
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from .errors import CheckpointError, PromptError
+from .errors import PromptError
 
 DEFAULT_NEW_TOKENS = 20  # transformers generates 20 new tokens when no length is set anywhere
 
@@ -53,24 +51,13 @@ class GenerationConfig:
     pad_token_id: int = 1
 
 
-def read_generation_defaults(folder, config):
-    """Defaults for `generate`: transformers' own, with the text config's EOS and PAD, under the
-    values the checkpoint's generation_config.json sets (any key of SETTINGS).
-
-    Note that transformers 5.23 itself reads this file into `Blip2ForConditionalGeneration.
-    generation_config` but generates with `language_model.generation_config`, made from the text
-    config, so it ignores the file's settings. Hub BLIP-2 files set only bos/eos/pad, equal to the
-    text config's, so the two agree on every released checkpoint."""
-    defaults = TRANSFORMERS_DEFAULTS | {"eos_token_id": config.text.eos_token_id,
-                                        "pad_token_id": config.text.pad_token_id}
-    path = Path(folder or "") / "generation_config.json"
-    if folder is not None and path.is_file():
-        try:
-            values = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise CheckpointError(f"{path} is not valid JSON ({err}); download it again") from err
-        defaults |= {k: values[k] for k in SETTINGS if values.get(k) is not None}
-    return defaults
+# The defaults `Blip2ForConditionalGeneration.generate` really uses: transformers' own, with the
+# text config's EOS and PAD. transformers 5.23 reads generation_config.json into the outer model
+# but generates with `language_model.generation_config`, which is made from the text config, so
+# the file's settings are ignored; they are ignored here too, so that the same arguments give the
+# same tokens. (Released BLIP-2 files set only bos/eos/pad, equal to the text config's.)
+def generation_defaults(config):
+    return TRANSFORMERS_DEFAULTS | {"eos_token_id": config.text.eos_token_id, "pad_token_id": config.text.pad_token_id}
 
 
 # GenerationMixin._prepare_generation_config (precedence) + GenerationConfig.validate and the

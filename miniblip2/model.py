@@ -20,7 +20,7 @@ import numpy as np
 from .config import read_config
 from .errors import CheckpointError, ImageError, PromptError
 from .generate import beam_search, expand_inputs, sample_steps
-from .generation_config import random_generator, read_generation_defaults, resolve_generation_config
+from .generation_config import generation_defaults, random_generator, resolve_generation_config
 from .nn import linear, namespace
 from .opt import embed_tokens, lm_head, opt_decoder
 from .processor import load_processor
@@ -116,11 +116,11 @@ def _as_int_array(values, name):
 class Blip2:
     """A loaded BLIP-2 model: config, nested weights, processor, generation defaults."""
 
-    def __init__(self, config, weights, processor=None, generation_defaults=None):
+    def __init__(self, config, weights, processor=None):
         self.config = config
         self.weights = weights
         self.processor = processor
-        self.generation_defaults = generation_defaults or read_generation_defaults(None, config)
+        self.generation_defaults = generation_defaults(config)
 
     # --- the stages, each returning what the reference returns at that point -------------
 
@@ -168,8 +168,9 @@ class Blip2:
         Takes transformers' names: max_new_tokens, max_length, min_new_tokens, min_length,
         do_sample, num_beams, num_return_sequences, temperature, top_k, top_p, repetition_penalty,
         no_repeat_ngram_size, length_penalty, early_stopping (True, False, "never"), eos_token_id
-        (an id or a list), pad_token_id. Unset ones come from the checkpoint's
-        generation_config.json, then from transformers' defaults (greedy, 20 new tokens, top_k 50).
+        (an id or a list), pad_token_id. Unset ones take transformers' defaults (greedy, 20 new
+        tokens, top_k 50) with the text config's eos and pad; like transformers 5.23, the settings
+        in generation_config.json are not read.
 
         Sampling draws from `generator` (a np.random.Generator) or from a new one seeded with
         `seed`: reproducible, from the distribution transformers samples, but never the very ids
@@ -318,4 +319,4 @@ def load(path, dtype="float32", progress=True):
     flat = load_checkpoint(folder, dtype=np.float32, progress=progress)
     flat = check_weights(flat, expected_shapes(config), tied=TIED_WEIGHTS)
     processor = load_processor(folder) if (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file() else None
-    return Blip2(config, nest(flat), processor, read_generation_defaults(folder, config))
+    return Blip2(config, nest(flat), processor)
