@@ -101,6 +101,17 @@ def test_module_caption_and_cli_agree(folder, images, capsys):
     assert capsys.readouterr().out == expected + "\n"
 
 
+def test_cli_passes_generation_flags(folder, images, capsys):
+    expected = miniblip2.load(folder).caption(images[1], max_new_tokens=6, num_beams=3, repetition_penalty=1.3)
+    argv = ["caption", str(images[1]), "--weights", str(folder), "--max-new-tokens", "6", "--num-beams", "3",
+            "--repetition-penalty", "1.3"]
+    assert cli.main(argv) == 0
+    assert capsys.readouterr().out == expected + "\n"
+    sampled = miniblip2.load(folder).caption(images[1], max_new_tokens=6, do_sample=True, top_p=0.9, seed=4)
+    assert cli.main(argv[:6] + ["--do-sample", "--top-p", "0.9", "--seed", "4"]) == 0
+    assert capsys.readouterr().out == sampled + "\n"
+
+
 def test_cli_explains_a_missing_checkpoint(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv(cli.WEIGHTS_ENV, raising=False)
     assert cli.main(["caption", "x.png"]) == 2
