@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tiny import tiny_config, tiny_model
+from miniblip2.tiny_tokenizer import build_tiny_processor_files, build_tiny_tokenizer
+from tiny import VOCAB_SIZE, tiny_config, tiny_model
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 
@@ -45,6 +46,17 @@ def checkpoint(tmp_path_factory):
         return made[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def talking_checkpoint(tmp_path_factory):
+    """A tiny checkpoint with tokenizer and processor files, so that caption/stream take images."""
+    folder = tmp_path_factory.mktemp("tiny-with-tokenizer")
+    config = CONFIGS["every-other-cross"]
+    save_checkpoint(tiny_model(config), folder)
+    build_tiny_tokenizer(folder, VOCAB_SIZE)
+    build_tiny_processor_files(folder, config.vision_config.image_size, config.num_query_tokens)
+    return folder
 
 
 def pytest_terminal_summary(terminalreporter):

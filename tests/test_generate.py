@@ -18,12 +18,10 @@ from transformers import (MinLengthLogitsProcessor, MinNewTokensLengthLogitsProc
                           RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
 import miniblip2
-from conftest import CONFIGS, save_checkpoint
 from miniblip2 import PromptError, TextStreamer, chat_prompt, sampling
 from miniblip2.generation_config import GenerationConfig
-from miniblip2.tiny_tokenizer import build_tiny_processor_files, build_tiny_tokenizer
 from test_parity import image_batch, prompts, reference
-from tiny import VOCAB_SIZE, tiny_model
+from tiny import VOCAB_SIZE
 
 LENGTHS = [1, 4, 9, 2]  # prompt text lengths of the (up to) four inputs: left padding in every batch
 NEW_TOKENS = 12
@@ -286,14 +284,8 @@ def test_warpers_equal_transformers(seed):
 # --- streaming ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def talker(tmp_path_factory):
-    """A tiny checkpoint with tokenizer files: caption/stream work on images."""
-    folder = tmp_path_factory.mktemp("tiny-talker")
-    config = CONFIGS["every-other-cross"]
-    save_checkpoint(tiny_model(config), folder)
-    build_tiny_tokenizer(folder, VOCAB_SIZE)
-    build_tiny_processor_files(folder, config.vision_config.image_size, config.num_query_tokens)
-    return miniblip2.load(folder, progress=False)
+def talker(talking_checkpoint):
+    return miniblip2.load(talking_checkpoint, progress=False)
 
 
 def image(seed):

@@ -14,23 +14,15 @@ from PIL import Image
 from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
 import miniblip2
-from conftest import CONFIGS, save_checkpoint
 from miniblip2 import cli
-from miniblip2.tiny_tokenizer import build_tiny_processor_files, build_tiny_tokenizer
-from tiny import VOCAB_SIZE, tiny_model
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "example.png"
 PROMPTS = ["Question: what is in the picture? Answer:", "a photo of", "Question: how many dogs are there? Answer:"]
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-with-tokenizer")
-    config = CONFIGS["every-other-cross"]
-    save_checkpoint(tiny_model(config), folder)
-    build_tiny_tokenizer(folder, VOCAB_SIZE)
-    build_tiny_processor_files(folder, config.vision_config.image_size, config.num_query_tokens)
-    return folder
+def folder(talking_checkpoint):
+    return talking_checkpoint
 
 
 @pytest.fixture(scope="module")
