@@ -1,15 +1,20 @@
-"""The command line: `miniblip2 caption IMAGE [--prompt TEXT] [--weights DIR] [--max-new-tokens N]`
-plus the common generation settings (--num-beams, --do-sample, --top-k, --top-p, --temperature,
---repetition-penalty, --seed), named as in transformers."""
+"""The command line:
+    miniblip2 caption IMAGE [--prompt TEXT] [--weights DIR] [--max-new-tokens N]
+        plus the common generation settings (--num-beams, --do-sample, --top-k, --top-p,
+        --temperature, --repetition-penalty, --seed), named as in transformers
+    miniblip2 demo [--seed N] [--out FILE]
+        draws a new shapes scene, saves it, and prints its true caption beside the model's
+Without --weights (and $MINIBLIP2_WEIGHTS) both use the shapes model shipped in weights/shapes-tiny.
+"""
 
 import argparse
-import os
+import random
 import sys
 
+from . import shapes
 from .errors import MiniBlip2Error
 from .model import load
-
-WEIGHTS_ENV = "MINIBLIP2_WEIGHTS"  # a default checkpoint folder, so --weights can be left out
+from .shipped import WEIGHTS_ENV, weights_folder
 
 
 def build_parser():
@@ -18,8 +23,7 @@ def build_parser():
     cap = commands.add_parser("caption", help="caption an image, or answer a question about it")
     cap.add_argument("image", nargs="+", help="image file(s)")
     cap.add_argument("--prompt", help='e.g. "Question: how many cats are there? Answer:"')
-    cap.add_argument("--weights", default=os.environ.get(WEIGHTS_ENV),
-                     help=f"checkpoint folder (default: ${WEIGHTS_ENV})")
+    cap.add_argument("--weights", help=f"checkpoint folder (default: ${WEIGHTS_ENV}, else the shapes model)")
     cap.add_argument("--max-new-tokens", type=int, default=30)
     cap.add_argument("--num-beams", type=int, help="beam search with this many beams")
     cap.add_argument("--do-sample", action="store_true", help="sample instead of taking the most likely token")
@@ -28,6 +32,10 @@ def build_parser():
     cap.add_argument("--temperature", type=float)
     cap.add_argument("--repetition-penalty", type=float)
     cap.add_argument("--seed", type=int, help="makes sampling reproducible")
+    demo = commands.add_parser("demo", help="caption a new scene of coloured shapes, beside its true caption")
+    demo.add_argument("--seed", type=int, help="the scene (default: a random held-out one)")
+    demo.add_argument("--out", default="shapes-demo.png", help="where to save the picture")
+    demo.add_argument("--weights", help=f"checkpoint folder (default: ${WEIGHTS_ENV}, else the shapes model)")
     return parser
 
 
@@ -43,10 +51,9 @@ def generation_arguments(args):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        if not args.weights:
-            raise MiniBlip2Error(f"no checkpoint: give --weights DIR or set {WEIGHTS_ENV} "
-                                 "(weights/README.md says how to download one)")
-        model = load(args.weights)
+        model = load(weights_folder(args.weights))
+        if args.command == "demo":
+            return demo(model, args.seed, args.out)
         texts = model.caption(args.image, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
                               **generation_arguments(args))
     except MiniBlip2Error as err:
@@ -55,6 +62,28 @@ def main(argv=None):
     for path, text in zip(args.image, texts):
         print(text if len(args.image) == 1 else f"{path}: {text}")
     return 0
+
+
+def demo(model, seed, out):
+    """Draw a scene the model never saw in training, save it, caption it, answer its questions."""
+    seed = random.randrange(shapes.HELD_OUT_SEEDS.start, shapes.HELD_OUT_SEEDS.stop) if seed is None else seed
+    image, truth, qa_pairs = shapes.sample(seed)
+    try:
+        image.save(out)
+    except (OSError, ValueError) as err:
+        raise MiniBlip2Error(f"could not save the scene to {out} ({err}); give another --out FILE") from err
+    predicted = model.caption(image)
+    answers = model.caption([image] * len(qa_pairs), prompt=[q for q, _ in qa_pairs])
+    print(f"scene {seed}, saved to {out}")
+    print(f"  true caption:  {truth}")
+    print(f"  model caption: {predicted}  {mark(predicted == truth)}")
+    for (question, answer), reply in zip(qa_pairs, answers):
+        print(f"  {question} {reply}  {mark(reply == answer)}" + ("" if reply == answer else f" (true: {answer})"))
+    return 0
+
+
+def mark(right: bool) -> str:
+    return "right" if right else "WRONG"
 
 
 if __name__ == "__main__":

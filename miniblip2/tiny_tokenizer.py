@@ -87,38 +87,44 @@ Hungry squirrels gathered acorns, walnuts and chestnuts beneath the maple branch
 """
 
 
-def build_tiny_tokenizer(folder, vocab_size: int) -> None:
+def build_tiny_tokenizer(folder, vocab_size: int | None = None, corpus: list[str] | None = None) -> int:
     """Write tokenizer.json, vocab.json, merges.txt, added_tokens.json, tokenizer_config.json
-    and special_tokens_map.json for a byte-level BPE of exactly `vocab_size` tokens."""
+    and special_tokens_map.json for a byte-level BPE trained on `corpus` (default: CORPUS), of
+    exactly `vocab_size` tokens, or with every merge the corpus yields if vocab_size is None.
+    Returns the vocabulary size."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    vocab, merges = train_merges(vocab_size - 1)  # the last id is kept for <image>
+    vocab, merges = train_merges(None if vocab_size is None else vocab_size - 1,  # the last id is <image>
+                                 CORPUS.splitlines() if corpus is None else corpus)
     tokenizer = opt_style_tokenizer(vocab, merges)
+    vocab_size = len(vocab) + 1
     assert tokenizer.get_vocab_size(with_added_tokens=True) == vocab_size
     tokenizer.save(str(folder / "tokenizer.json"))
     write_vocab_and_merges(folder, vocab, merges)
     write_json(folder / "added_tokens.json", {IMAGE_TOKEN: vocab_size - 1})
     write_json(folder / "special_tokens_map.json", special_tokens_map())
     write_json(folder / "tokenizer_config.json", tokenizer_config(vocab_size - 1))
+    return vocab_size
 
 
 # Byte-level BPE training with `tokenizers` (what GPT-2's merges were made with, in miniature).
-def train_merges(size: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Train on CORPUS until the vocabulary (specials + bytes + merges) has `size` tokens."""
+def train_merges(size: int | None, corpus: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Train on `corpus` until the vocabulary (specials + bytes + merges) has `size` tokens, or
+    until no pair is left to merge if size is None."""
     smallest = len(SPECIAL_TOKENS) + BYTE_ALPHABET_SIZE + 1  # at least one merge
-    if size < smallest:
+    if size is not None and size < smallest:
         raise ValueError(f"vocab_size must be at least {smallest + 1} (4 specials, 256 bytes, "
                          f"one merge, <image>); got {size + 1}")
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=size, min_frequency=1, show_progress=False, special_tokens=SPECIAL_TOKENS,
+        vocab_size=size or 1 << 20, min_frequency=1, show_progress=False, special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(CORPUS.splitlines(), trainer=trainer)
+    tokenizer.train_from_iterator(corpus, trainer=trainer)
     trained = json.loads(tokenizer.to_str())["model"]
     vocab = trained["vocab"]
-    if len(vocab) != size:
-        raise ValueError(f"the built-in corpus only yields {len(vocab) + 1} tokens; "
+    if size is not None and len(vocab) != size:
+        raise ValueError(f"the corpus only yields {len(vocab) + 1} tokens; "
                          f"ask for a vocab_size of at most {len(vocab) + 1}, not {size + 1}")
     return vocab, [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in trained["merges"]]
 

@@ -1,0 +1,34 @@
+"""Which checkpoint to use when none is named: $MINIBLIP2_WEIGHTS, else the shipped shapes model.
+
+weights/shapes-tiny is a small BLIP-2 trained on the shapes world (miniblip2.shapes) and kept in
+the repository, so that the first caption needs no download. It knows coloured circles, squares,
+triangles and diamonds, nothing else; real photos need Salesforce/blip2-opt-2.7b.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+from .errors import CheckpointError
+
+WEIGHTS_ENV = "MINIBLIP2_WEIGHTS"  # a checkpoint folder to use when none is given
+SHAPES_TINY = Path(__file__).resolve().parent.parent / "weights" / "shapes-tiny"
+_announced = False
+
+
+def weights_folder(weights=None) -> Path:
+    """`weights` if given, else $MINIBLIP2_WEIGHTS, else the shipped shapes model (said once)."""
+    global _announced
+    if weights is not None:
+        return Path(weights)
+    if os.environ.get(WEIGHTS_ENV):
+        return Path(os.environ[WEIGHTS_ENV])
+    if not (SHAPES_TINY / "config.json").is_file():
+        raise CheckpointError(f"no checkpoint given and the shipped one is not at {SHAPES_TINY} (it comes with a "
+                              "clone of the repository); give weights=DIR or set " + WEIGHTS_ENV)
+    if not _announced:
+        print(f"miniblip2: no weights given, using the small shapes model in {SHAPES_TINY} (it only knows "
+              "coloured shapes, see miniblip2.shapes). For photos, download Salesforce/blip2-opt-2.7b "
+              f"(weights/README.md) and pass weights=DIR, --weights DIR or set {WEIGHTS_ENV}.", file=sys.stderr)
+        _announced = True
+    return SHAPES_TINY

@@ -1,0 +1,170 @@
+"""Train the small BLIP-2 shipped in weights/shapes-tiny on the shapes world (miniblip2.shapes).
+
+    pip install -e '.[test]'   # torch 2.13.0 CPU and transformers 5.23.0: for training only
+    python scripts/train_shapes.py weights/shapes-tiny
+
+The model is transformers' own Blip2ForConditionalGeneration (an EVA-style ViT, a Q-Former with
+cross-attention every other layer, an OPT decoder), small, trained from scratch with PyTorch,
+and saved in the hub layout with an OPT-style tokenizer, so that miniblip2 loads it through the
+same code as Salesforce/blip2-opt-2.7b. Inference never needs torch.
+
+Every step draws fresh scenes: step s uses seeds [s * batch, (s + 1) * batch), far below
+shapes.HELD_OUT_SEEDS, on which the model is evaluated. Each scene gives one training text:
+its caption (no prompt, as BLIP-2 captions) or one of its questions with the answer. The loss
+is on the answer and the closing "\\n" only, which is where generation stops (as in OPT).
+"""
+
+import argparse
+import json
+import math
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import Blip2Config, Blip2ForConditionalGeneration
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from miniblip2 import shapes  # noqa: E402
+from miniblip2.processor import load_processor  # noqa: E402
+from miniblip2.tiny_tokenizer import build_tiny_processor_files, build_tiny_tokenizer  # noqa: E402
+
+NUM_QUERY_TOKENS = 8
+CAPTION_SHARE = 0.4  # the rest of the texts are question/answer pairs
+IGNORE = -100  # label of a position that is not scored
+
+
+def model_config(vocab_size: int, eos_token_id: int) -> Blip2Config:
+    """BLIP-2's architecture at 1/20 of the width: 64 px images in 8 px patches, 8 queries."""
+    return Blip2Config(
+        vision_config=dict(hidden_size=96, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                           image_size=shapes.IMAGE_SIZE, patch_size=8),
+        qformer_config=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                            cross_attention_frequency=2, encoder_hidden_size=96, max_position_embeddings=64,
+                            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+        text_config=dict(model_type="opt", vocab_size=vocab_size, hidden_size=128, ffn_dim=512,
+                         num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=128,
+                         word_embed_proj_dim=128, eos_token_id=eos_token_id, dropout=0.0,
+                         attention_dropout=0.0),
+        num_query_tokens=NUM_QUERY_TOKENS, image_token_index=vocab_size - 1)
+
+
+def write_tokenizer_and_processor(out: Path) -> tuple[int, int]:
+    """The OPT-style tokenizer trained on the world's texts (every word becomes one token), and
+    the preprocessor/processor files. Returns (vocab size, id of "\\n")."""
+    vocab_size = build_tiny_tokenizer(out, corpus=shapes.corpus(range(5000)))
+    build_tiny_processor_files(out, shapes.IMAGE_SIZE, NUM_QUERY_TOKENS)
+    newline = json.loads((out / "vocab.json").read_text(encoding="utf-8"))["\u010a"]  # "Ċ" = byte 10
+    return vocab_size, newline
+
+
+def training_text(seed: int) -> tuple[str, str]:
+    """(prompt, answer) for one scene: the caption with no prompt, or one question."""
+    _, caption, qa_pairs = shapes.sample(seed)
+    pick = random.Random(-1 - seed)  # a stream of its own, so the scene stays shapes.sample(seed)
+    return ("", caption) if pick.random() < CAPTION_SHARE else pick.choice(qa_pairs)
+
+
+def batch(seeds, processor, newline: int) -> dict[str, torch.Tensor]:
+    """Pixel values, and right-padded ids with labels on the answer and "\\n" only."""
+    tokenizer, rows, labels = processor.tokenizer, [], []
+    image_ids = [processor.image_token_id] * processor.num_query_tokens
+    for seed in seeds:
+        prompt, answer = training_text(seed)
+        prompt_ids = tokenizer.encode(prompt)  # [</s>, Question, :, ...]
+        ids = tokenizer.encode(f"{prompt} {answer}" if prompt else answer) + [newline]
+        assert ids[:len(prompt_ids)] == prompt_ids, (prompt, answer)
+        rows.append(image_ids + ids)
+        labels.append([IGNORE] * (len(image_ids) + len(prompt_ids)) + ids[len(prompt_ids):])
+    length = max(map(len, rows))
+    input_ids = torch.full((len(rows), length), tokenizer.pad_token_id)
+    label_ids = torch.full((len(rows), length), IGNORE)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for b, (row, label) in enumerate(zip(rows, labels)):
+        input_ids[b, :len(row)] = torch.tensor(row)
+        label_ids[b, :len(row)] = torch.tensor(label)
+        attention_mask[b, :len(row)] = 1
+    pixel_values = torch.from_numpy(processor(images=[shapes.sample(s)[0] for s in seeds])["pixel_values"])
+    return dict(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, labels=label_ids)
+
+
+def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup))))
+
+
+@torch.no_grad()
+def accuracy(model, processor, seeds) -> tuple[float, float]:
+    """Exact-match caption and answer accuracy with transformers' greedy generate."""
+    model.eval()
+    captions, answers = 0, []
+    for seed in seeds:
+        image, caption, qa_pairs = shapes.sample(seed)
+        prompts = [""] + [q for q, _ in qa_pairs]
+        inputs = processor(images=[image] * len(prompts), text=prompts)
+        inputs = {k: torch.from_numpy(v) for k, v in inputs.items()}
+        out = model.generate(**inputs, max_new_tokens=24, do_sample=False)
+        texts = [t.strip() for t in processor.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:].numpy())]
+        captions += texts[0] == caption
+        answers += [t == a for t, (_, a) in zip(texts[1:], qa_pairs)]
+    model.train()
+    return captions / len(seeds), sum(answers) / len(answers)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", type=Path, help="folder to write the checkpoint to")
+    parser.add_argument("--steps", type=int, default=5000)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="1 is fastest on a 2-core machine that does other work")
+    parser.add_argument("--eval-every", type=int, default=1000)
+    args = parser.parse_args(argv)
+    assert args.steps * args.batch_size < shapes.HELD_OUT_SEEDS.start, "training would reach held-out seeds"
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    vocab_size, newline = write_tokenizer_and_processor(args.out)
+    processor = load_processor(args.out)
+    model = Blip2ForConditionalGeneration(model_config(vocab_size, newline)).train()
+    model.config._attn_implementation = "eager"
+    print(f"{sum(p.numel() for p in model.parameters()):,} parameters, vocabulary {vocab_size}", flush=True)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    validation = range(shapes.HELD_OUT_SEEDS.stop, shapes.HELD_OUT_SEEDS.stop + 30)  # not the test seeds
+    log, start, running = [], time.time(), None
+    for step in range(args.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
+        loss = model(**batch(range(step * args.batch_size, (step + 1) * args.batch_size), processor, newline)).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if (step + 1) % 100 == 0:
+            print(f"step {step + 1:5d}  loss {running:.4f}  {time.time() - start:6.0f} s", flush=True)
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            captions, answers = accuracy(model, processor, validation)
+            log.append(dict(step=step + 1, loss=round(running, 5), seconds=round(time.time() - start),
+                            caption_accuracy=captions, vqa_accuracy=answers))
+            print(f"step {step + 1:5d}  validation: captions {captions:.1%}  answers {answers:.1%}", flush=True)
+            model.save_pretrained(args.out)  # a long run that is stopped early still leaves a model
+
+    model.eval().save_pretrained(args.out)
+    seconds = time.time() - start
+    record = dict(command=" ".join(["python", "scripts/train_shapes.py"] + (argv or sys.argv[1:])),
+                  seconds=round(seconds), machine=f"{platform.processor() or platform.machine()}, "
+                  f"{args.threads} threads", torch=torch.__version__, log=log)
+    (args.out / "training_log.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"trained in {seconds / 60:.1f} min; wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
