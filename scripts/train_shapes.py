@@ -114,6 +114,13 @@ def accuracy(model, processor, seeds) -> tuple[float, float]:
     return captions / len(seeds), sum(answers) / len(answers)
 
 
+def cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.is_file() else [])
+             if line.startswith("model name")]
+    return names[0] if names else platform.processor() or platform.machine()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path, help="folder to write the checkpoint to")
@@ -160,8 +167,8 @@ def main(argv=None):
     model.eval().save_pretrained(args.out)
     seconds = time.time() - start
     record = dict(command=" ".join(["python", "scripts/train_shapes.py"] + (argv or sys.argv[1:])),
-                  seconds=round(seconds), machine=f"{platform.processor() or platform.machine()}, "
-                  f"{args.threads} threads", torch=torch.__version__, log=log)
+                  seconds=round(seconds), machine=f"{cpu_name()}, {args.threads} thread(s)",
+                  torch=torch.__version__, log=log)
     (args.out / "training_log.json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"trained in {seconds / 60:.1f} min; wrote {args.out}")
 
