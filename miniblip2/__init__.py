@@ -6,13 +6,13 @@
 """
 
 from .chat import chat_prompt
-from .errors import CheckpointError, ImageError, MiniBlip2Error, PromptError
+from .errors import CheckpointError, DeviceError, ImageError, MiniBlip2Error, PromptError
 from .model import Blip2, load
 from .processor import load_processor
 from .streaming import TextStreamer
 
-__all__ = ["Blip2", "CheckpointError", "ImageError", "MiniBlip2Error", "PromptError", "TextStreamer", "caption",
-           "chat_prompt", "load", "load_processor"]
+__all__ = ["Blip2", "CheckpointError", "DeviceError", "ImageError", "MiniBlip2Error", "PromptError", "TextStreamer",
+           "caption", "chat_prompt", "load", "load_processor"]
 __version__ = "0.1.0"
 
 _loaded = {}
