@@ -219,7 +219,7 @@ class Blip2:
         batch = self._check_pixels(pixel_values).shape[0]
         if input_ids is None:  # no prompt: the image tokens and BOS, as the reference builds them
             start = [self.config.image_token_index] * self.config.num_query_tokens + [self.config.text.bos_token_id]
-            input_ids = np.tile(np.asarray(start, dtype=np.int64), (batch, 1))
+            input_ids = np.full((batch, len(start)), start, dtype=np.int64)
         input_ids, attention_mask = self._check_prompt(input_ids, attention_mask, pixel_values)
         text = self.config.text
         gen = resolve_generation_config(self.generation_defaults, arguments, input_ids.shape[1],
