@@ -22,7 +22,7 @@ MODEL_CODE = ["nn.py", "precision.py", "vision.py", "qformer.py", "opt.py", "gen
 
 @pytest.fixture(scope="module", params=["float32", "float16", "bfloat16"])
 def pair(checkpoint, request):
-    plain = miniblip2.load(checkpoint(), dtype=request.param)
+    plain = miniblip2.load(checkpoint(), dtype=request.param, device="cpu")
     return plain, Blip2(plain.config, to_strict(plain.weights), plain.processor)
 
 
@@ -69,7 +69,7 @@ def test_model_code_converts_to_numpy_only_through_to_numpy():
 
 @pytest.fixture(scope="module")
 def on_device(checkpoint):
-    plain = miniblip2.load(checkpoint())
+    plain = miniblip2.load(checkpoint(), device="cpu")
     return plain, Blip2(plain.config, to_strict(plain.weights, DeviceArray), plain.processor)
 
 
