@@ -69,8 +69,8 @@ def to_device(tree, xp):
             return {key: move(value) for key, value in node.items()}
         if isinstance(node, list):
             return [move(value) for value in node]
-        if id(node) not in copies:
-            copies[id(node)] = (node, xp.asarray(node))  # the source is kept so its id stays unique
+        if id(node) not in copies:  # the BF16 tag (dtype metadata) stays behind: uint16 on the device
+            copies[id(node)] = (node, xp.asarray(node.view(node.dtype.str)))  # source kept: its id stays unique
         return copies[id(node)][1]
 
     return move(tree)
