@@ -7,24 +7,24 @@
 
 from . import shapes
 from .chat import chat_prompt
-from .errors import CheckpointError, ImageError, MiniBlip2Error, PromptError
+from .errors import CheckpointError, DeviceError, ImageError, MiniBlip2Error, PromptError
 from .model import Blip2, load
 from .processor import load_processor
 from .shipped import weights_folder
 from .streaming import TextStreamer
 
-__all__ = ["Blip2", "CheckpointError", "ImageError", "MiniBlip2Error", "PromptError", "TextStreamer", "caption",
-           "chat_prompt", "load", "load_processor", "shapes"]
+__all__ = ["Blip2", "CheckpointError", "DeviceError", "ImageError", "MiniBlip2Error", "PromptError", "TextStreamer",
+           "caption", "chat_prompt", "load", "load_processor", "shapes"]
 __version__ = "0.1.0"
 
 _loaded = {}
 
 
-def caption(image, prompt=None, weights=None, max_new_tokens=30, **generate_kwargs):
+def caption(image, prompt=None, weights=None, max_new_tokens=30, device="cpu", dtype="float32", **generate_kwargs):
     """Caption one image (or a list) with the checkpoint in folder `weights` (default:
     $MINIBLIP2_WEIGHTS, else the shipped shapes model); each model is loaded once."""
     folder = weights_folder(weights)
-    key = str(folder)
+    key = (str(folder), device, dtype)
     if key not in _loaded:
-        _loaded[key] = load(folder)
+        _loaded[key] = load(folder, dtype=dtype, device=device)
     return _loaded[key].caption(image, prompt=prompt, max_new_tokens=max_new_tokens, **generate_kwargs)

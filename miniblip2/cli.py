@@ -1,5 +1,6 @@
 """The command line:
     miniblip2 caption IMAGE [--prompt TEXT] [--weights DIR] [--max-new-tokens N]
+        [--device cpu|cuda] [--dtype float32|float16|bfloat16]
         plus the common generation settings (--num-beams, --do-sample, --top-k, --top-p,
         --temperature, --repetition-penalty, --seed), named as in transformers
     miniblip2 demo [--seed N] [--out FILE]
@@ -32,6 +33,9 @@ def build_parser():
     cap.add_argument("--temperature", type=float)
     cap.add_argument("--repetition-penalty", type=float)
     cap.add_argument("--seed", type=int, help="makes sampling reproducible")
+    cap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                     help="where to run; cuda needs CuPy: pip install 'miniblip2[gpu]'")
+    cap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     demo = commands.add_parser("demo", help="caption a new scene of coloured shapes, beside its true caption")
     demo.add_argument("--seed", type=int, help="the scene (default: a random held-out one)")
     demo.add_argument("--out", default="shapes-demo.png", help="where to save the picture")
@@ -51,9 +55,9 @@ def generation_arguments(args):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        model = load(weights_folder(args.weights))
         if args.command == "demo":
-            return demo(model, args.seed, args.out)
+            return demo(load(weights_folder(args.weights)), args.seed, args.out)
+        model = load(weights_folder(args.weights), dtype=args.dtype, device=args.device)
         texts = model.caption(args.image, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
                               **generation_arguments(args))
     except MiniBlip2Error as err:

@@ -15,3 +15,7 @@ class ImageError(MiniBlip2Error):
 
 class PromptError(MiniBlip2Error):
     """A prompt or generation request that does not fit the model."""
+
+
+class DeviceError(MiniBlip2Error):
+    """A device that cannot be used: an unknown name, or CUDA asked for without CuPy or a GPU."""

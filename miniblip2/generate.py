@@ -17,10 +17,17 @@ the batch and the model runs once per step for all of them.
 The output is the prompt ids followed by the new ids, as `Blip2ForConditionalGeneration.generate`
 returns them. Scores are float32 from the logits on, as in transformers.
 
+On a GPU nothing comes back to the host inside a step but one small array: the chosen ids
+(`sample_steps`, which the caller needs anyway to stream or stop) or whether to stop
+(`beam_search`). No Python `if` looks at any other device value.
+
 Legend: B inputs, K beams, R = B x K rows (or B x samples), T prompt tokens (32 image + text),
 N new tokens, D width, V vocabulary, C candidates kept per input, L = T + N.
 """
 
+import numpy as np
+
+from .device import to_numpy
 from .nn import namespace
 from .opt import embed_tokens, lm_head, new_cache, opt_decoder, reorder_cache
 from .sampling import greedy_choice, log_softmax, process_logits, sample_choice, sample_without_replacement, topk
@@ -51,7 +58,7 @@ def padding_lengths(attention_mask):  # [R, T] -> [R]
     return xp.argmax(attention_mask != 0, axis=1)
 
 
-# GenerationMixin._sample, one step per iteration: yields the new id of every row [R].
+# GenerationMixin._sample, one step per iteration: yields the new id of every row [R], as NumPy.
 def sample_steps(inputs_embeds, input_ids, attention_mask, w, config, gen, rng=None, use_cache=True):
     xp = namespace(inputs_embeds)
     R, T, _ = inputs_embeds.shape
@@ -60,6 +67,7 @@ def sample_steps(inputs_embeds, input_ids, attention_mask, w, config, gen, rng=N
     pad = xp.asarray(gen.pad_token_id, dtype=input_ids.dtype)
     ignore = padding_lengths(attention_mask)
     finished = xp.zeros(R, dtype=bool)
+    stopped = np.zeros(R, dtype=bool)  # the same, on the host, from the ids that come back
     new_embeds = all_embeds = inputs_embeds
     for _ in range(gen.max_new_tokens):
         logits = next_token_logits(new_embeds, all_embeds, attention_mask, w, config, cache)
@@ -69,8 +77,10 @@ def sample_steps(inputs_embeds, input_ids, attention_mask, w, config, gen, rng=N
         input_ids = xp.concat([input_ids, next_ids[:, None]], axis=1)
         attention_mask = xp.concat([attention_mask, xp.ones_like(attention_mask[:, :1])], axis=1)
         finished = finished | xp.any(next_ids[:, None] == eos[None, :], axis=1)
-        yield next_ids
-        if bool(xp.all(finished)):
+        chosen = to_numpy(next_ids)  # the step's one transfer to the host
+        stopped = stopped | np.isin(chosen, gen.eos_token_ids)
+        yield chosen
+        if stopped.all():
             return
         new_embeds = embed_tokens(next_ids[:, None], w)  # [R, 1, D]
         if cache is None:
@@ -174,8 +184,8 @@ def beam_search(inputs_embeds, input_ids, attention_mask, w, config, gen, rng=No
         running, running_scores, beam_idx = next_running_beams(cand_scores, cand_seqs, source_beam, ended, K)
         finished = update_finished(finished, cand_seqs, cand_scores, ended, improvable, gen, cur_len, T)
         improvable = still_improvable(improvable, running_scores, finished, gen, cur_len + 1, T, L)
-        all_done = bool(xp.all(finished[3])) and gen.early_stopping is True
-        if not bool(xp.any(improvable)) or all_done or bool(xp.all(ended)):
+        all_done = xp.all(finished[3]) & (gen.early_stopping is True)
+        if bool(~xp.any(improvable) | all_done | xp.all(ended)):  # the step's one transfer to the host
             break
         rows = (beam_idx + xp.arange(B)[:, None] * K).reshape(R)  # each new row's source row
         new_embeds = embed_tokens(running[:, :, cur_len].reshape(R, 1), w)  # [R, 1, D]

@@ -8,7 +8,10 @@ image -> processor -> pixel_values [B, 3, 224, 224]
 
 Mirrors `Blip2ForConditionalGeneration` (transformers' modeling_blip_2.py) and speaks its
 vocabulary: `forward`, `generate`, `batch_decode`, `processor(images=..., text=...)`.
-Arrays come in and go out as NumPy.
+The weights live on one device (`load(..., device="cpu" | "cuda")`, see device.py) in one dtype
+(float32, float16 or bfloat16, see precision.py). Inputs follow the weights; `forward` and
+`generate` give NumPy back. The stages (`vision`, `qformer`, `project`) take and give arrays on
+the model's device, so they chain there without copies.
 
 Legend: B batch, T tokens, Q queries (32), Dq Q-Former width (768), D text width (2560).
 """
@@ -18,11 +21,13 @@ from pathlib import Path
 import numpy as np
 
 from .config import read_config
+from .device import array_module, device_generator, to_device, to_numpy
 from .errors import CheckpointError, ImageError, PromptError
 from .generate import beam_search, expand_inputs, sample_steps
 from .generation_config import generation_defaults, random_generator, resolve_generation_config
 from .nn import linear, namespace
 from .opt import embed_tokens, lm_head, opt_decoder
+from .precision import cast_weights, check_dtype, like_weight, widen
 from .processor import load_processor
 from .qformer import qformer_model
 from .streaming import TextStreamer
@@ -105,7 +110,7 @@ TIED_WEIGHTS = {"language_model.lm_head.weight": "language_model.model.decoder.e
 
 
 def _as_int_array(values, name):
-    array = np.asarray(values)
+    array = to_numpy(values)
     if array.ndim == 1:
         array = array[None]
     if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
@@ -121,18 +126,27 @@ class Blip2:
         self.weights = weights
         self.processor = processor
         self.generation_defaults = generation_defaults(config)
+        self.xp = namespace(weights["query_tokens"])  # numpy or cupy: where the weights live
 
     # --- the stages, each returning what the reference returns at that point -------------
 
     def vision(self, pixel_values, interpolate_pos_encoding=False):  # [B, 3, H, W] -> [B, 257, 1408]
-        pixel_values = self._check_pixels(pixel_values)
-        return vision_model(pixel_values, self.weights["vision_model"], self.config.vision, interpolate_pos_encoding)
+        w = self.weights["vision_model"]
+        # pixel_values.to(patch_embedding.weight.dtype), on the weights' device
+        pixel_values = like_weight(self.xp.asarray(self._check_pixels(pixel_values)),
+                                   w["embeddings"]["patch_embedding"]["weight"])
+        return vision_model(pixel_values, w, self.config.vision, interpolate_pos_encoding)
 
+    # In float16 the Q-Former is float32 (transformers' _keep_in_fp32_modules): the image
+    # embeddings are cast up to its dtype here, and its output back down in `project`.
     def qformer(self, image_embeds):  # [B, 257, 1408] -> [B, 32, 768]
-        return qformer_model(self.weights["query_tokens"], image_embeds, self.weights["qformer"], self.config.qformer)
+        w = self.weights["qformer"]
+        image_embeds = like_weight(self.xp.asarray(image_embeds), w["layernorm"]["weight"])
+        return qformer_model(widen(self.weights["query_tokens"]), image_embeds, w, self.config.qformer)
 
     def project(self, query_output):  # [B, 32, 768] -> [B, 32, 2560]
-        return linear(query_output, self.weights["language_projection"])
+        w = self.weights["language_projection"]
+        return linear(like_weight(self.xp.asarray(query_output), w["weight"]), w)
 
     def image_features(self, pixel_values, interpolate_pos_encoding=False):  # [B, 3, H, W] -> [B, Q, D]
         return self.project(self.qformer(self.vision(pixel_values, interpolate_pos_encoding)))
@@ -158,8 +172,8 @@ class Blip2:
         features = self.image_features(pixel_values, interpolate_pos_encoding)
         embeds = self.embed_inputs(input_ids, features)
         w = self.weights["language_model"]
-        hidden = opt_decoder(embeds, attention_mask, w, self.config.text)
-        return np.asarray(lm_head(hidden, w))
+        hidden = opt_decoder(embeds, self.xp.asarray(attention_mask), w, self.config.text)
+        return to_numpy(lm_head(hidden, w))
 
     def generate(self, pixel_values, input_ids=None, attention_mask=None, max_new_tokens=None, *, seed=None,
                  generator=None, streamer=None, use_cache=True, interpolate_pos_encoding=False, **generation_kwargs):
@@ -185,17 +199,17 @@ class Blip2:
             if streamer is not None:
                 raise PromptError("`streamer` cannot be used with beam search (as in transformers): the text is "
                                   "known only at the end. Set num_beams=1")
-            return np.asarray(beam_search(embeds, input_ids, attention_mask, w, text_config, gen, rng, use_cache))
-        xp, ids = namespace(embeds), input_ids
+            return to_numpy(beam_search(embeds, input_ids, attention_mask, w, text_config, gen, rng, use_cache))
+        ids = [to_numpy(input_ids)]
         if streamer is not None:
-            streamer.put(np.asarray(ids))
+            streamer.put(ids[0])
         for next_ids in sample_steps(embeds, input_ids, attention_mask, w, text_config, gen, rng, use_cache):
-            ids = xp.concat([ids, next_ids[:, None]], axis=1)
+            ids.append(next_ids[:, None])  # NumPy: each step's ids come to the host anyway
             if streamer is not None:
-                streamer.put(np.asarray(next_ids))
+                streamer.put(next_ids)
         if streamer is not None:
             streamer.end()
-        return np.asarray(ids)
+        return np.concatenate(ids, axis=1)
 
     # Blip2ForConditionalGeneration.generate up to `language_model.generate`: the inputs checked,
     # the settings resolved, the image features put into the prompt's embeddings, and every row
@@ -205,15 +219,15 @@ class Blip2:
         batch = self._check_pixels(pixel_values).shape[0]
         if input_ids is None:  # no prompt: the image tokens and BOS, as the reference builds them
             start = [self.config.image_token_index] * self.config.num_query_tokens + [self.config.text.bos_token_id]
-            input_ids = np.tile(np.asarray(start, dtype=np.int64), (batch, 1))
+            input_ids = np.full((batch, len(start)), start, dtype=np.int64)
         input_ids, attention_mask = self._check_prompt(input_ids, attention_mask, pixel_values)
         text = self.config.text
         gen = resolve_generation_config(self.generation_defaults, arguments, input_ids.shape[1],
                                         text.max_position_embeddings, text.vocab_size)
         self._check_length(input_ids.shape[1], gen.max_new_tokens)
-        rng = random_generator(seed, generator)
         embeds = self.embed_inputs(input_ids, self.image_features(pixel_values, interpolate_pos_encoding))
         xp = namespace(embeds)
+        rng = device_generator(random_generator(seed, generator), xp)
         rows = expand_inputs(max(gen.num_beams, gen.num_return_sequences), embeds, xp.asarray(input_ids),
                              xp.asarray(attention_mask))
         return (*rows, gen, rng)
@@ -253,10 +267,10 @@ class Blip2:
             raise PromptError("stream gives one text by greedy search or sampling: set num_beams=1 and "
                               "num_return_sequences=1 (use caption for beam search)")
         streamer = TextStreamer(self._need_processor().tokenizer)
-        streamer.put(input_ids)
+        streamer.put(to_numpy(input_ids))
         w, text_config = self.weights["language_model"], self.config.text
         for next_ids in sample_steps(embeds, input_ids, attention_mask, w, text_config, gen, rng, use_cache):
-            if piece := streamer.put(np.asarray(next_ids)):
+            if piece := streamer.put(next_ids):
                 yield piece
         if piece := streamer.end():
             yield piece
@@ -306,17 +320,22 @@ class Blip2:
                 "Shorten the prompt or ask for fewer new tokens")
 
 
-# Blip2ForConditionalGeneration.from_pretrained: config, weights checked against it, processor.
-def load(path, dtype="float32", progress=True):
+# Blip2ForConditionalGeneration.from_pretrained(path, dtype=...).to(device): config, weights
+# checked against it and converted to `dtype` (the Q-Former kept float32 for float16, as
+# transformers keeps it), moved to `device` once ("cpu": NumPy, "cuda": CuPy), processor.
+def load(path, dtype="float32", progress=True, device="cpu"):
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"{folder} is not a folder; give the folder of a BLIP-2 checkpoint "
                               "(config.json, *.safetensors, tokenizer files); see weights/README.md")
-    if str(dtype) != "float32":
-        raise CheckpointError(f"dtype {dtype!r}: on the CPU miniblip2 computes in float32 "
-                              "(float16 and bfloat16 files are converted when loaded)")
+    dtype = check_dtype(dtype)
+    xp = array_module(device)  # before reading 15 GB: a missing CuPy or GPU fails at once
     config = read_config(folder)
-    flat = load_checkpoint(folder, dtype=np.float32, progress=progress)
+    if dtype == "float32":  # F32 files stay zero-copy memory maps
+        flat = load_checkpoint(folder, dtype=np.float32, progress=progress)
+    else:
+        flat = cast_weights(load_checkpoint(folder, dtype=None, progress=progress), dtype)
     flat = check_weights(flat, expected_shapes(config), tied=TIED_WEIGHTS)
     processor = load_processor(folder) if (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file() else None
-    return Blip2(config, nest(flat), processor)
+    weights = nest(flat) if device == "cpu" else to_device(nest(flat), xp)
+    return Blip2(config, weights, processor)

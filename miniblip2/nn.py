@@ -1,7 +1,8 @@
 """The primitives every tower is built from: linear, layer norm, activations, softmax, attention.
 
 Arrays in, arrays out. Each function finds its array namespace (`xp`, NumPy or CuPy) from its
-input, so the same code runs wherever the weights live.
+input, so the same code runs wherever the weights live. In float16 and bfloat16 the products go
+through `matmul` and the float32 parts through `in_float32` (see precision.py).
 
 Legend: B batch, T tokens (queries), S keys, D width, H heads, K head width (D = H * K).
 A weight `w` is the checkpoint's own dict for one module: `w["weight"]` in PyTorch's
@@ -10,26 +11,26 @@ A weight `w` is the checkpoint's own dict for one module: `w["weight"]` in PyTor
 
 import math
 
-
-def namespace(x):
-    """The array library `x` belongs to (numpy, cupy, ...), as the array API standard defines."""
-    return x.__array_namespace__()
+from .device import namespace
+from .precision import in_float32, like_weight, matmul, widen
 
 
 # torch.nn.Linear: y = x W^T + b, with W stored [out, in] exactly as in the file.
 def linear(x, w):  # [..., in] -> [..., out]
-    y = x @ w["weight"].T
+    y = matmul(x, w["weight"].T)
     if "bias" in w:
-        y = y + w["bias"]
+        y = y + widen(w["bias"])
     return y
 
 
 # torch.nn.LayerNorm: normalise over the last axis with the biased variance, then scale and shift.
+# Half inputs are normalised in float32 and the result rounded once, as torch's kernel does.
 def layer_norm(x, w, eps):  # [..., D] -> [..., D]
     xp = namespace(x)
+    x = x.astype(xp.float32, copy=False)
     mean = xp.mean(x, axis=-1, keepdims=True)
     var = xp.mean((x - mean) ** 2, axis=-1, keepdims=True)
-    return (x - mean) / xp.sqrt(var + eps) * w["weight"] + w["bias"]
+    return like_weight((x - mean) / xp.sqrt(var + eps) * widen(w["weight"]) + widen(w["bias"]), w["weight"])
 
 
 # torch.special.erfc: neither NumPy nor the array API has erf, so this is the Chebyshev fit of
@@ -47,17 +48,20 @@ def erfc(x):
 
 # nn.GELU() ("gelu"): the exact erf form x * Phi(x). Written with erfc(-x / sqrt 2) so that the
 # negative tail, where Phi(x) is tiny, keeps its relative precision.
+@in_float32
 def gelu(x):
     return 0.5 * x * erfc(-x * (1 / math.sqrt(2)))
 
 
 # NewGELUActivation ("gelu_new", "gelu_pytorch_tanh"): the tanh approximation.
+@in_float32
 def gelu_tanh(x):
     xp = namespace(x)
     return 0.5 * x * (1 + xp.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
 
 
 # QuickGELUActivation.
+@in_float32
 def quick_gelu(x):
     return x * sigmoid(1.702 * x)
 
@@ -67,6 +71,7 @@ def sigmoid(x):
     return 1 / (1 + xp.exp(-x))
 
 
+@in_float32
 def silu(x):
     return x * sigmoid(x)
 
@@ -82,6 +87,7 @@ ACTIVATIONS = {"gelu": gelu, "relu": relu, "gelu_new": gelu_tanh, "gelu_pytorch_
 
 
 # torch.softmax, with the max subtracted first so exp never overflows.
+@in_float32
 def softmax(x, axis=-1):
     xp = namespace(x)
     e = xp.exp(x - xp.max(x, axis=axis, keepdims=True))
@@ -89,13 +95,17 @@ def softmax(x, axis=-1):
 
 
 # eager_attention_forward in transformers: softmax(q k^T * scale + mask) v.
-# `mask` is additive ([B, 1, T, S], 0 or a large negative number) or None.
+# `mask` is additive ([B, 1, T, S], 0 or a large negative number) or None. The mask is added in
+# float32: in float16 a score plus -65504 can round to -inf, and a padding row of only -inf
+# would give NaN. The probabilities are rounded back to q's
+# dtype before the product with v, as `softmax(..., dtype=float32).to(query.dtype)` does.
 def attention(q, k, v, scale, mask=None):  # [B, H, T, K], [B, H, S, K] x2 -> [B, H, T, K], [B, H, T, S]
-    scores = (q @ k.swapaxes(-1, -2)) * scale  # [B, H, T, S]
+    xp = namespace(q)
+    scores = matmul(q, k.swapaxes(-1, -2)) * scale  # [B, H, T, S]
     if mask is not None:
-        scores = scores + mask
-    probs = softmax(scores)
-    return probs @ v, probs
+        scores = scores.astype(xp.float32, copy=False) + mask
+    probs = softmax(scores).astype(q.dtype, copy=False)
+    return matmul(probs, v), probs
 
 
 def split_heads(x, num_heads):  # [B, T, D] -> [B, H, T, K]

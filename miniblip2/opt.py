@@ -15,6 +15,7 @@ D width (2560), H heads (32), K head width (80), F FFN width (10240), V vocabula
 from dataclasses import dataclass
 
 from .nn import ACTIVATIONS, attention, layer_norm, linear, merge_heads, namespace, split_heads
+from .precision import matmul, widen
 
 POSITION_OFFSET = 2  # OPT's position table starts with 2 unused rows (a fairseq padding_idx relic)
 
@@ -94,7 +95,7 @@ def opt_layer(x, w, config, mask, cache=None, layer_index=0):  # [B, T, D] -> [B
 def opt_decoder(inputs_embeds, attention_mask, w, config, cache=None):  # [B, T, D], [B, S] -> [B, T, D]
     past = cache.length if cache is not None else 0
     decoder = w["model"]["decoder"]
-    positions = decoder["embed_positions"]["weight"][position_ids(attention_mask, past)]  # [B, T, D]
+    positions = widen(decoder["embed_positions"]["weight"][position_ids(attention_mask, past)])  # [B, T, D]
     mask = causal_mask(attention_mask, past, inputs_embeds.dtype)
     x = inputs_embeds + positions
     for i, layer in enumerate(decoder["layers"]):
@@ -106,9 +107,9 @@ def opt_decoder(inputs_embeds, attention_mask, w, config, cache=None):  # [B, T,
 
 # OPTDecoder.embed_tokens.
 def embed_tokens(input_ids, w):  # [B, T] -> [B, T, D]
-    return w["model"]["decoder"]["embed_tokens"]["weight"][input_ids]
+    return widen(w["model"]["decoder"]["embed_tokens"]["weight"][input_ids])
 
 
 # OPTForCausalLM.lm_head: tied to embed_tokens in every OPT checkpoint.
 def lm_head(hidden, w):  # [B, T, D] -> [B, T, V]
-    return hidden @ w["lm_head"]["weight"].T
+    return matmul(hidden, w["lm_head"]["weight"].T)

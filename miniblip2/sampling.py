@@ -77,7 +77,7 @@ def top_k(scores, k, min_tokens_to_keep=1):  # [B, V] -> [B, V]
 # to and including it is at most 1 - top_p. torch's CPU cumsum adds in float64, so this does too.
 def top_p(scores, p, min_tokens_to_keep=1):  # [B, V] -> [B, V]
     xp = namespace(scores)
-    order = xp.argsort(scores, axis=1, stable=True)  # [B, V]: least likely first
+    order = xp.argsort(scores, axis=1, kind="stable")  # [B, V]: least likely first
     ascending = xp.take_along_axis(scores, order, axis=1)
     mass_below = xp.cumsum(softmax(ascending).astype(xp.float64), axis=1).astype(scores.dtype)
     drop_sorted = mass_below <= 1 - p
@@ -120,12 +120,20 @@ def greedy_choice(scores):  # [B, V] -> [B]
 # `torch.multinomial(softmax(scores), 1)` in GenerationMixin._sample (do_sample=True), by the
 # Gumbel-max trick: adding independent standard Gumbel noise to the scores and taking the argmax
 # draws from softmax(scores) exactly, and filtered tokens (-inf) can never win. The noise comes
-# from a NumPy Generator: the same seed gives the same tokens every time, with torch's
+# from a seeded generator: the same seed gives the same tokens every time, with torch's
 # distribution but not torch's random stream (no seed reproduces torch's own draws).
 def sample_choice(scores, rng):  # [B, V] -> [B]
     xp = namespace(scores)
-    noise = xp.asarray(rng.gumbel(size=scores.shape))  # [B, V] float64
-    return xp.argmax(scores + noise, axis=-1)
+    return xp.argmax(scores + gumbel(rng, scores.shape, xp), axis=-1)
+
+
+# Standard Gumbel noise [B, V] float64, drawn where the scores are: on the CPU from the NumPy
+# Generator; on a GPU from the array library's own (see device.device_generator), which has no
+# `gumbel` but has `standard_exponential`: -log(E) of E ~ Exp(1) is standard Gumbel.
+def gumbel(rng, shape, xp):
+    if hasattr(rng, "gumbel"):
+        return xp.asarray(rng.gumbel(size=shape))
+    return -xp.log(rng.standard_exponential(size=shape))
 
 
 # `torch.multinomial(softmax(scores), k)` without replacement, for beam sampling: the k largest of
@@ -133,14 +141,13 @@ def sample_choice(scores, rng):  # [B, V] -> [B]
 # in the order they would be drawn.
 def sample_without_replacement(scores, k, rng):  # [B, C] -> [B, k]
     xp = namespace(scores)
-    noise = xp.asarray(rng.gumbel(size=scores.shape))
-    return topk(scores + noise, k)[1]
+    return topk(scores + gumbel(rng, scores.shape, xp), k)[1]
 
 
 # torch.topk(x, k): the k largest of each row, largest first; equal values keep index order.
 def topk(x, k):  # [B, M] -> [B, k], [B, k]
     xp = namespace(x)
-    indices = xp.argsort(-x, axis=1, stable=True)[:, :k]
+    indices = xp.argsort(-x, axis=1, kind="stable")[:, :k]
     return xp.take_along_axis(x, indices, axis=1), indices
 
 

@@ -25,7 +25,7 @@ def weights_folder(weights=None) -> Path:
         return Path(os.environ[WEIGHTS_ENV])
     if not (SHAPES_TINY / "config.json").is_file():
         raise CheckpointError(f"no checkpoint given and the shipped one is not at {SHAPES_TINY} (it comes with a "
-                              "clone of the repository); give weights=DIR or set " + WEIGHTS_ENV)
+                              "clone of the repository); give weights=DIR (--weights DIR) or set " + WEIGHTS_ENV)
     if not _announced:
         print(f"miniblip2: no weights given, using the small shapes model in {SHAPES_TINY} (it only knows "
               "coloured shapes, see miniblip2.shapes). For photos, download Salesforce/blip2-opt-2.7b "

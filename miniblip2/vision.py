@@ -14,6 +14,7 @@ import numpy as np
 
 from .errors import ImageError
 from .nn import ACTIVATIONS, attention, layer_norm, linear, merge_heads, namespace
+from .precision import widen
 
 
 # nn.Conv2d(C, D, kernel_size=P, stride=P): a convolution whose stride equals its kernel is one
@@ -25,7 +26,7 @@ def patch_embed(pixel_values, w, patch_size):  # [B, C, H, W] -> [B, N, D]
     x = x.reshape(B, C, gh, P, gw, P).transpose(0, 2, 4, 1, 3, 5)  # [B, gh, gw, C, P, P]
     x = x.reshape(B, gh * gw, C * P * P)  # [B, 256, 588]: one row per patch, in raster order
     kernel = w["weight"].reshape(w["weight"].shape[0], -1)  # [D, C*P*P]
-    return x @ kernel.T + w["bias"]
+    return linear(x, {"weight": kernel, "bias": w["bias"]})
 
 
 # torch.nn.functional.interpolate(mode="bicubic", align_corners=False) along one axis, as an
@@ -54,12 +55,12 @@ def interpolate_positions(position_embedding, gh, gw):  # [1, 1+n*n, D] -> [1, 1
     n = math.isqrt(grid.shape[0])
     if n * n == gh * gw and gh == gw:
         return position_embedding
-    grid = grid.reshape(n, n, -1)  # [16, 16, D]
+    grid = grid.reshape(n, n, -1).astype(xp.float32)  # [16, 16, D], in float32 as torch's half kernel
     rows = xp.asarray(bicubic_matrix(n, gh), dtype=grid.dtype)  # [gh, n]
     cols = xp.asarray(bicubic_matrix(n, gw), dtype=grid.dtype)  # [gw, n]
     grid = (rows @ grid.reshape(n, -1)).reshape(gh, n, -1)  # [gh, n, D]
     grid = (cols @ grid).reshape(1, gh * gw, -1)  # [1, gh*gw, D]: cols broadcasts over rows
-    return xp.concat([cls, grid], axis=1)
+    return xp.concat([cls, grid.astype(cls.dtype)], axis=1)
 
 
 # Blip2VisionEmbeddings.forward: patches, a CLS token in front, learned positions added.
@@ -68,9 +69,9 @@ def vision_embeddings(pixel_values, w, config, interpolate_pos_encoding=False): 
     B, _, height, width = pixel_values.shape
     gh, gw = height // config.patch_size, width // config.patch_size
     patches = patch_embed(pixel_values, w["patch_embedding"], config.patch_size)  # [B, N, D]
-    cls = xp.broadcast_to(w["class_embedding"], (B, 1, patches.shape[-1]))
+    cls = xp.broadcast_to(widen(w["class_embedding"]), (B, 1, patches.shape[-1]))
     x = xp.concat([cls, patches], axis=1)  # [B, 257, D]
-    positions = w["position_embedding"]
+    positions = widen(w["position_embedding"])
     if interpolate_pos_encoding:
         positions = interpolate_positions(positions, gh, gw)
     elif x.shape[1] != positions.shape[1]:

@@ -1,9 +1,18 @@
-"""Shared fixtures: tiny random BLIP-2 checkpoints written to disk the way the hub has them."""
+"""Shared fixtures: tiny random BLIP-2 checkpoints written to disk the way the hub has them.
 
+MINIBLIP2_TEST_DEVICE=cuda runs the whole suite with every model loaded on the GPU (CuPy):
+`miniblip2.load` then defaults to device="cuda", so forward, generate, caption and the CLI run
+on CuPy arrays against the same references; tests that pass device="cpu" stay on the CPU.
+"""
+
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+import miniblip2
+from miniblip2 import cli, model
 
 from miniblip2.tiny_tokenizer import build_tiny_processor_files, build_tiny_tokenizer
 from tiny import VOCAB_SIZE, tiny_config, tiny_model
@@ -57,6 +66,32 @@ def talking_checkpoint(tmp_path_factory):
     build_tiny_tokenizer(folder, VOCAB_SIZE)
     build_tiny_processor_files(folder, config.vision_config.image_size, config.num_query_tokens)
     return folder
+
+
+TEST_DEVICE = os.environ.get("MINIBLIP2_TEST_DEVICE", "cpu")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def default_device():
+    """Make `miniblip2.load` load on MINIBLIP2_TEST_DEVICE unless a test names a device."""
+    if TEST_DEVICE == "cpu":
+        yield TEST_DEVICE
+        return
+    from miniblip2.device import array_module
+    array_module(TEST_DEVICE)  # a missing CuPy or GPU stops the run here, with the reason
+    load = model.load
+
+    def load_on_test_device(path, dtype="float32", progress=True, device=TEST_DEVICE):
+        return load(path, dtype, progress, device)
+
+    with pytest.MonkeyPatch.context() as patch:
+        for module in (miniblip2, model, cli):
+            patch.setattr(module, "load", load_on_test_device)
+        yield TEST_DEVICE
+
+
+def pytest_report_header(config):
+    return f"miniblip2 test device: {TEST_DEVICE} (set MINIBLIP2_TEST_DEVICE=cuda for the GPU)"
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -23,6 +23,7 @@ OPERATOR_UFUNCS = {np.add, np.subtract, np.multiply, np.true_divide, np.floor_di
                    np.matmul, np.negative, np.positive, np.absolute, np.invert, np.logical_not, np.equal,
                    np.not_equal, np.less, np.less_equal, np.greater, np.greater_equal, np.bitwise_and,
                    np.bitwise_or, np.bitwise_xor, np.maximum, np.minimum, np.logical_and, np.logical_or,
+                   np.left_shift, np.right_shift,
                    np.square, np.sqrt, np.reciprocal}  # NumPy's fast paths for x ** 2, x ** 0.5, x ** -1
 _inside_namespace = [0]
 
@@ -36,13 +37,16 @@ def _allowed():
         _inside_namespace[0] -= 1
 
 
-def _wrap(result):
-    if isinstance(result, np.ndarray) and not isinstance(result, StrictArray):
-        return result.view(StrictArray)
+def _wrap(result, cls=None):
+    cls = cls or StrictArray
+    if isinstance(result, np.ndarray) and not isinstance(result, cls):
+        return result.view(cls)
+    if isinstance(result, np.generic):  # xp.all(x) is a 0-d array in other libraries, not a host scalar
+        return np.asarray(result).view(cls)
     if isinstance(result, tuple):
-        return tuple(_wrap(r) for r in result)
+        return tuple(_wrap(r, cls) for r in result)
     if isinstance(result, list):
-        return [_wrap(r) for r in result]
+        return [_wrap(r, cls) for r in result]
     return result
 
 
@@ -61,7 +65,7 @@ class StrictArray(np.ndarray):
         inputs = [np.asarray(x) if isinstance(x, StrictArray) else x for x in inputs]
         if "out" in kwargs:
             kwargs["out"] = tuple(np.asarray(o) if isinstance(o, StrictArray) else o for o in kwargs["out"])
-        return _wrap(getattr(ufunc, method)(*inputs, **kwargs))
+        return _wrap(getattr(ufunc, method)(*inputs, **kwargs), type(self))
 
 
 # Functions NumPy runs for array methods (x.reshape, x.transpose, x.repeat, ...): methods exist on
@@ -71,7 +75,10 @@ ARRAY_METHODS = {"reshape", "transpose", "swapaxes", "repeat", "take", "sum", "m
 
 
 class _Namespace:
-    """`strict.<name>` is NumPy's function, marked allowed, returning StrictArrays."""
+    """`strict.<name>` is NumPy's function, marked allowed, returning StrictArrays (or `cls`)."""
+
+    def __init__(self, cls=None):
+        self._cls = cls
 
     def __getattr__(self, name):
         value = getattr(np, name)
@@ -81,17 +88,77 @@ class _Namespace:
         @functools.wraps(value)
         def call(*args, **kwargs):
             with _allowed():
-                return _wrap(value(*args, **kwargs))
+                return _wrap(value(*args, **kwargs), self._cls)
         return call
 
 
 strict = _Namespace()
 
 
-def to_strict(tree):
-    """Every array in a nested weights structure (dicts and lists) as a StrictArray."""
+def to_strict(tree, cls=None):
+    """Every array in a nested weights structure (dicts and lists) as a StrictArray (or `cls`)."""
     if isinstance(tree, dict):
-        return {k: to_strict(v) for k, v in tree.items()}
+        return {k: to_strict(v, cls) for k, v in tree.items()}
     if isinstance(tree, list):
-        return [to_strict(v) for v in tree]
-    return np.ascontiguousarray(tree).view(StrictArray)
+        return [to_strict(v, cls) for v in tree]
+    return np.ascontiguousarray(tree).view(cls or StrictArray)
+
+
+# ---------------------------------------------------------------------------------------------
+# A pretend GPU: arrays that live "on a device", so that every copy to the host can be counted.
+
+class DeviceArray(StrictArray):
+    """A StrictArray that behaves like a CuPy array towards the host: `get()` is the explicit
+    copy, and bool(), int(), float(), .item(), .tolist() are implicit ones (each a device sync
+    on a GPU). All of them are counted in `host_transfers`."""
+    host_transfers = [0]
+
+    def __array_namespace__(self, api_version=None):
+        return fake_device
+
+    def _transfer(self):
+        DeviceArray.host_transfers[0] += 1
+        return np.asarray(self)
+
+    def get(self):
+        return self._transfer()
+
+    def __bool__(self):
+        return bool(self._transfer())
+
+    def __int__(self):
+        return int(self._transfer())
+
+    def __float__(self):
+        return float(self._transfer())
+
+    def __index__(self):
+        return int(self._transfer())
+
+    def item(self, *args):
+        return self._transfer().item(*args)
+
+    def tolist(self):
+        return self._transfer().tolist()
+
+
+class _FakeRandom:
+    """`xp.random` of the pretend device: default_rng gives a generator of device arrays."""
+
+    class Generator:
+        def __init__(self, seed):
+            self._rng = np.random.default_rng(seed)
+
+        def standard_exponential(self, size=None):
+            return self._rng.standard_exponential(size=size).view(DeviceArray)
+
+    def default_rng(self, seed=None):
+        return self.Generator(seed)
+
+
+class _FakeDevice(_Namespace):
+    __name__ = "fakedevice"  # not "numpy": the model takes its device paths
+    random = _FakeRandom()
+
+
+fake_device = _FakeDevice(DeviceArray)

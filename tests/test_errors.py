@@ -4,13 +4,14 @@ modes: test_image.py; tokenizer and processor files: test_tokenizer.py, test_pro
 
 import json
 import shutil
+import sys
 
 import numpy as np
 import pytest
 
 import miniblip2
 from conftest import REFERENCE
-from miniblip2 import CheckpointError, ImageError, PromptError
+from miniblip2 import CheckpointError, DeviceError, ImageError, PromptError
 from miniblip2.config import config_from_dict, read_config
 from tiny import IMAGE_TOKEN
 
@@ -98,8 +99,19 @@ def test_truncated_weights(tiny, tmp_path):
 
 
 def test_unsupported_compute_dtype(tiny):
-    with pytest.raises(CheckpointError, match="float32"):
-        miniblip2.load(tiny, dtype="bfloat16")
+    with pytest.raises(CheckpointError, match="float64.*float32, float16, bfloat16"):
+        miniblip2.load(tiny, dtype="float64")
+
+
+def test_unknown_device(tiny):
+    with pytest.raises(DeviceError, match="'tpu'.*'cpu', 'cuda'"):
+        miniblip2.load(tiny, device="tpu")
+
+
+def test_cuda_without_cupy_says_what_to_install(tiny, monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)  # as if CuPy were not installed: import fails
+    with pytest.raises(DeviceError, match=r"needs CuPy.*pip install 'miniblip2\[gpu\]'.*cupy-cuda12x.*CUDA 12"):
+        miniblip2.load(tiny, device="cuda", dtype="float16")
 
 
 def test_pixel_values_of_the_wrong_shape(model):

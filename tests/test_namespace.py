@@ -1,20 +1,28 @@
 """The model math must reach NumPy only through its array namespace (`xp = namespace(x)`), so
 that the same code runs on CuPy arrays on a GPU. Checked without a GPU: the weights and inputs
 become `StrictArray`s (tests/strict_numpy.py), on which a direct `np.*` call raises. Results
-must equal the plain NumPy run bit for bit (same operations, same order)."""
+must equal the plain NumPy run bit for bit (same operations, same order), in every dtype.
+
+And a step of generation must not copy to the host more than once (the chosen ids, or whether to
+stop): on a pretend device (`DeviceArray`) every get(), bool(), int(), float() is counted."""
+
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import miniblip2
 from miniblip2.model import Blip2
-from strict_numpy import DirectNumPyCall, StrictArray, strict, to_strict
+from strict_numpy import DeviceArray, DirectNumPyCall, StrictArray, strict, to_strict
 from test_parity import image_batch, prompts
 
+MODEL_CODE = ["nn.py", "precision.py", "vision.py", "qformer.py", "opt.py", "generate.py", "sampling.py", "model.py"]
 
-@pytest.fixture(scope="module")
-def pair(checkpoint):
-    plain = miniblip2.load(checkpoint())
+
+@pytest.fixture(scope="module", params=["float32", "float16", "bfloat16"])
+def pair(checkpoint, request):
+    plain = miniblip2.load(checkpoint(), dtype=request.param, device="cpu")
     return plain, Blip2(plain.config, to_strict(plain.weights), plain.processor)
 
 
@@ -48,3 +56,46 @@ def test_forward_and_generation_run_through_the_namespace(pair, kwargs):
     np.testing.assert_array_equal(checked.forward(pixels.view(StrictArray), ids, mask), plain.forward(pixels, ids, mask))
     np.testing.assert_array_equal(checked.generate(pixels.view(StrictArray), ids, mask, max_new_tokens=8, **kwargs),
                                   plain.generate(pixels, ids, mask, max_new_tokens=8, **kwargs))
+
+
+# np.asarray(x) on a CuPy array raises, and StrictArray cannot catch it (NumPy does not dispatch
+# asarray): model code converts with device.to_numpy, and builds host arrays without asarray.
+def test_model_code_converts_to_numpy_only_through_to_numpy():
+    folder = Path(miniblip2.__file__).parent
+    for name in MODEL_CODE:
+        calls = re.findall(r"np\.(?:asarray|array|ascontiguousarray)\(", (folder / name).read_text())
+        assert not calls, f"{name}: {calls}: use device.to_numpy(x)"
+
+
+@pytest.fixture(scope="module")
+def on_device(checkpoint):
+    plain = miniblip2.load(checkpoint(), device="cpu")
+    return plain, Blip2(plain.config, to_strict(plain.weights, DeviceArray), plain.processor)
+
+
+def host_transfers(run):
+    DeviceArray.host_transfers[0] = 0
+    result = run()
+    return result, DeviceArray.host_transfers[0]
+
+
+# Every token is forced (min_new_tokens), so each loop runs exactly N steps. Besides one transfer
+# per step, generate copies the prompt ids once (greedy, sampling) or, after a beam search, the
+# longest length and the result.
+@pytest.mark.parametrize("kwargs,outside_the_loop", [({}, 1), ({"num_beams": 3, "no_repeat_ngram_size": 2}, 2),
+                                                     ({"do_sample": True, "top_p": 0.9, "seed": 0}, 1)],
+                         ids=["greedy", "beams", "sampling"])
+def test_one_host_transfer_per_generated_token(on_device, kwargs, outside_the_loop):
+    plain, device = on_device
+    N = 8
+    pixels = image_batch(plain.config, 2, seed=4)
+    ids, mask = prompts(plain.config, [2, 5], seed=5)
+    generate = lambda model: model.generate(pixels, ids, mask, max_new_tokens=N, min_new_tokens=N, **kwargs)
+    got, transfers = host_transfers(lambda: generate(device))
+    assert transfers == N + outside_the_loop
+    if "do_sample" in kwargs:  # the noise comes from the device's generator: reproducible there
+        np.testing.assert_array_equal(generate(device), got)
+    else:
+        np.testing.assert_array_equal(got, generate(plain))
+    logits, transfers = host_transfers(lambda: device.forward(pixels, ids, mask))
+    assert transfers == 1 and type(logits) is np.ndarray

@@ -14,6 +14,7 @@ from transformers import Blip2ForConditionalGeneration
 
 import miniblip2
 from conftest import CONFIGS, LAYOUTS
+from miniblip2.device import to_numpy
 from tiny import EOS_TOKEN, IMAGE_TOKEN, VOCAB_SIZE
 
 TOL = 1e-4
@@ -21,9 +22,9 @@ NEW_TOKENS = 30
 LARGEST_ERRORS = {}  # stage -> largest relative error seen this session, printed at the end
 
 
-def rel_error(ours, theirs):
-    theirs = theirs.detach().double().numpy()
-    return np.abs(np.asarray(ours, np.float64) - theirs).max() / np.abs(theirs).max()
+def rel_error(ours, theirs):  # ours: NumPy or CuPy (the stages give arrays on the model's device)
+    theirs = theirs.detach().cpu().double().numpy()
+    return np.abs(to_numpy(ours).astype(np.float64) - theirs).max() / np.abs(theirs).max()
 
 
 def reference(folder):

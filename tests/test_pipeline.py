@@ -14,7 +14,7 @@ from PIL import Image
 from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
 import miniblip2
-from miniblip2 import cli
+from miniblip2 import cli, shipped
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "example.png"
 PROMPTS = ["Question: what is in the picture? Answer:", "a photo of", "Question: how many dogs are there? Answer:"]
@@ -104,8 +104,21 @@ def test_cli_passes_generation_flags(folder, images, capsys):
     assert capsys.readouterr().out == sampled + "\n"
 
 
+def test_cli_device_and_dtype_flags(folder, images, capsys):
+    expected = miniblip2.load(folder, dtype="float16").caption(images[0], max_new_tokens=6)
+    assert cli.main(["caption", str(images[0]), "--weights", str(folder), "--max-new-tokens", "6",
+                     "--dtype", "float16"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        assert cli.main(["caption", str(images[0]), "--weights", str(folder), "--device", "cuda"]) == 2
+        assert "pip install 'miniblip2[gpu]'" in capsys.readouterr().err
+
+
 def test_cli_explains_a_missing_checkpoint(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv(cli.WEIGHTS_ENV, raising=False)
+    monkeypatch.setattr(shipped, "SHAPES_TINY", tmp_path / "not-shipped")
     assert cli.main(["caption", "x.png"]) == 2
     assert "--weights" in capsys.readouterr().err
     assert cli.main(["caption", "x.png", "--weights", str(tmp_path / "nowhere")]) == 2
