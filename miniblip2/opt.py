@@ -109,6 +109,6 @@ def embed_tokens(input_ids, w):  # [B, T] -> [B, T, D]
     return w["model"]["decoder"]["embed_tokens"]["weight"][input_ids]
 
 
-# OPTForCausalLM.lm_head: tied to embed_tokens in every OPT checkpoint.
+# OPTForCausalLM.lm_head: tied to embed_tokens in every OPT checkpoint; no bias.
 def lm_head(hidden, w):  # [B, T, D] -> [B, T, V]
-    return hidden @ w["lm_head"]["weight"].T
+    return linear(hidden, w["lm_head"])
