@@ -15,7 +15,7 @@ D width (2560), H heads (32), K head width (80), F FFN width (10240), V vocabula
 from dataclasses import dataclass
 
 from .nn import ACTIVATIONS, attention, layer_norm, linear, merge_heads, namespace, split_heads
-from .precision import matmul, widen
+from .precision import widen
 
 POSITION_OFFSET = 2  # OPT's position table starts with 2 unused rows (a fairseq padding_idx relic)
 
@@ -110,6 +110,6 @@ def embed_tokens(input_ids, w):  # [B, T] -> [B, T, D]
     return widen(w["model"]["decoder"]["embed_tokens"]["weight"][input_ids])
 
 
-# OPTForCausalLM.lm_head: tied to embed_tokens in every OPT checkpoint.
+# OPTForCausalLM.lm_head: tied to embed_tokens in every OPT checkpoint; no bias.
 def lm_head(hidden, w):  # [B, T, D] -> [B, T, V]
-    return matmul(hidden, w["lm_head"]["weight"].T)
+    return linear(hidden, w["lm_head"])
