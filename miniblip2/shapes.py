@@ -10,12 +10,12 @@ so that captioning works with no download and the tests can check trained weight
 A seed is a scene: `sample(seed)` draws everything from it, the same on every machine. Training
 used seeds below HELD_OUT_SEEDS.start; accuracy is measured on seeds from HELD_OUT_SEEDS.
 
-The world: a 64 x 64 picture cut into a 3 x 3 grid of cells. One to three objects, each a
+The world: a 96 x 96 picture cut into a 3 x 3 grid of cells. One to three objects, each a
 different shape, sit in different cells. Each object has a colour, a size and a shape:
     caption, one object     "a large red circle"
     two objects             "a large red circle above a small blue square" (the first is higher)
                             "a large red circle to the left of a small blue square" (same row)
-    three objects           "a large red circle, a small blue square and a small green diamond"
+    three objects           "a large red circle, a small blue square and a small green cross"
 Objects are always named in reading order (top row first, then left to right).
 """
 
@@ -24,14 +24,14 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
-IMAGE_SIZE = 64
-GRID = 3  # 3 x 3 cells of about 21 px
+IMAGE_SIZE = 96
+GRID = 3  # 3 x 3 cells of 32 px
 SUPERSAMPLE = 4  # drawn 4x larger, then shrunk: smooth edges
-SHAPES = ("circle", "square", "triangle", "diamond")
+SHAPES = ("circle", "square", "triangle", "cross")
 COLORS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220),
           "yellow": (230, 200, 30), "purple": (140, 60, 180), "orange": (245, 130, 20)}
 COLOR_JITTER = 15  # each channel moves by up to this much, so colours are not one exact value
-SIZES = {"small": (8, 11), "large": (15, 19)}  # side of the bounding box in px, inclusive
+SIZES = {"small": (12, 16), "large": (22, 28)}  # side of the bounding box in px, inclusive
 PLACES = (("top left", "top", "top right"), ("left", "center", "right"),
           ("bottom left", "bottom", "bottom right"))  # PLACES[row][column]
 NUMBERS = ("one", "two", "three")
@@ -56,7 +56,7 @@ class Shape:
 
 
 def sample(seed: int) -> tuple[Image.Image, str, list[tuple[str, str]]]:
-    """One scene: (64 x 64 RGB image, its caption, [(question prompt, answer), ...])."""
+    """One scene: (96 x 96 RGB image, its caption, [(question prompt, answer), ...])."""
     rng = random.Random(seed)
     objects = draw_objects(rng)
     qa_pairs = questions(objects, rng)
@@ -125,8 +125,10 @@ def draw_shape(pen: ImageDraw.ImageDraw, shape: str, box: list[int], fill) -> No
         pen.rectangle(box, fill=fill)
     elif shape == "triangle":
         pen.polygon([(middle_x, top), (right, bottom), (left, bottom)], fill=fill)
-    elif shape == "diamond":
-        pen.polygon([(middle_x, top), (right, middle_y), (middle_x, bottom), (left, middle_y)], fill=fill)
+    elif shape == "cross":
+        arm = (right - left) / 6  # half the width of each bar
+        pen.rectangle([middle_x - arm, top, middle_x + arm, bottom], fill=fill)
+        pen.rectangle([left, middle_y - arm, right, middle_y + arm], fill=fill)
     else:
         raise ValueError(f"unknown shape {shape!r}; the shapes are {', '.join(SHAPES)}")
 

@@ -37,10 +37,10 @@ IGNORE = -100  # label of a position that is not scored
 
 
 def model_config(vocab_size: int, eos_token_id: int) -> Blip2Config:
-    """BLIP-2's architecture at 1/20 of the width: 64 px images in 8 px patches, 8 queries."""
+    """BLIP-2's architecture, narrow and shallow: 96 px images in 12 px patches, 8 queries."""
     return Blip2Config(
         vision_config=dict(hidden_size=96, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-                           image_size=shapes.IMAGE_SIZE, patch_size=8),
+                           image_size=shapes.IMAGE_SIZE, patch_size=12),
         qformer_config=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
                             cross_attention_frequency=2, encoder_hidden_size=96, max_position_embeddings=64,
                             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
@@ -124,31 +124,39 @@ def cpu_name() -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path, help="folder to write the checkpoint to")
-    parser.add_argument("--steps", type=int, default=5000)
+    parser.add_argument("--steps", type=int, default=6000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--warmup", type=int, default=300)
+    parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="1 is fastest on a 2-core machine that does other work")
-    parser.add_argument("--eval-every", type=int, default=1000)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--eval-every", type=int, default=500)
+    parser.add_argument("--init", type=Path, help="go on training this checkpoint (same tokenizer) instead of a new one")
+    parser.add_argument("--first-step", type=int, default=0,
+                        help="number the steps from here, so that a continued run draws seeds it has not seen")
     args = parser.parse_args(argv)
-    assert args.steps * args.batch_size < shapes.HELD_OUT_SEEDS.start, "training would reach held-out seeds"
+    steps = range(args.first_step, args.first_step + args.steps)
+    assert steps.stop * args.batch_size < shapes.HELD_OUT_SEEDS.start, "training would reach held-out seeds"
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     vocab_size, newline = write_tokenizer_and_processor(args.out)
     processor = load_processor(args.out)
-    model = Blip2ForConditionalGeneration(model_config(vocab_size, newline)).train()
+    if args.init:
+        model = Blip2ForConditionalGeneration.from_pretrained(args.init, dtype=torch.float32).train()
+        assert model.config.text_config.vocab_size == vocab_size, "the tokenizer must be the same"
+    else:
+        model = Blip2ForConditionalGeneration(model_config(vocab_size, newline)).train()
     model.config._attn_implementation = "eager"
     print(f"{sum(p.numel() for p in model.parameters()):,} parameters, vocabulary {vocab_size}", flush=True)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     validation = range(shapes.HELD_OUT_SEEDS.stop, shapes.HELD_OUT_SEEDS.stop + 30)  # not the test seeds
     log, start, running = [], time.time(), None
-    for step in range(args.steps):
+    for step in steps:
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
+            group["lr"] = learning_rate(step - steps.start, args.steps, args.lr, args.warmup)
         loss = model(**batch(range(step * args.batch_size, (step + 1) * args.batch_size), processor, newline)).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -157,20 +165,23 @@ def main(argv=None):
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if (step + 1) % 100 == 0:
             print(f"step {step + 1:5d}  loss {running:.4f}  {time.time() - start:6.0f} s", flush=True)
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+        if (step + 1) % args.eval_every == 0 or step + 1 == steps.stop:
             captions, answers = accuracy(model, processor, validation)
             log.append(dict(step=step + 1, loss=round(running, 5), seconds=round(time.time() - start),
                             caption_accuracy=captions, vqa_accuracy=answers))
             print(f"step {step + 1:5d}  validation: captions {captions:.1%}  answers {answers:.1%}", flush=True)
             model.save_pretrained(args.out)  # a long run that is stopped early still leaves a model
+            write_log(args, argv, time.time() - start, log)
+    print(f"trained in {(time.time() - start) / 60:.1f} min; wrote {args.out}")
 
-    model.eval().save_pretrained(args.out)
-    seconds = time.time() - start
+
+def write_log(args, argv, seconds: float, log: list[dict]) -> None:
     record = dict(command=" ".join(["python", "scripts/train_shapes.py"] + (argv or sys.argv[1:])),
                   seconds=round(seconds), machine=f"{cpu_name()}, {args.threads} thread(s)",
                   torch=torch.__version__, log=log)
+    if args.init and (args.init / "training_log.json").is_file():  # the whole history, first run first
+        record = dict(continues=json.loads((args.init / "training_log.json").read_text()), **record)
     (args.out / "training_log.json").write_text(json.dumps(record, indent=2) + "\n")
-    print(f"trained in {seconds / 60:.1f} min; wrote {args.out}")
 
 
 if __name__ == "__main__":
