@@ -11,7 +11,7 @@ same code as Salesforce/blip2-opt-2.7b. Inference never needs torch.
 Every step draws fresh scenes: step s uses seeds [s * batch, (s + 1) * batch), far below
 shapes.HELD_OUT_SEEDS, on which the model is evaluated. Each scene gives one training text:
 its caption (no prompt, as BLIP-2 captions) or one of its questions with the answer. The loss
-is on the answer and the closing "\\n" only, which is where generation stops (as in OPT).
+is on the answers and the closing "\\n" only, which is where generation stops (as in OPT).
 """
 
 import argparse
@@ -33,6 +33,7 @@ from miniblip2.tiny_tokenizer import build_tiny_processor_files, build_tiny_toke
 
 NUM_QUERY_TOKENS = 8
 CAPTION_SHARE = 0.4  # the rest of the texts are question/answer pairs
+QUESTIONS_PER_TEXT = 4  # asked in one chat, so one pass through the vision tower teaches 4 answers
 IGNORE = -100  # label of a position that is not scored
 
 
@@ -60,24 +61,34 @@ def write_tokenizer_and_processor(out: Path) -> tuple[int, int]:
     return vocab_size, newline
 
 
-def training_text(seed: int) -> tuple[str, str]:
-    """(prompt, answer) for one scene: the caption with no prompt, or one question."""
+def training_text(seed: int) -> list[tuple[str, bool]]:
+    """One scene's text as (piece, scored) pieces: its caption with no prompt (as BLIP-2
+    captions), or a chat of some of its questions in the format of miniblip2.chat_prompt,
+    "Question: ... Answer: red. Question: ... Answer: small", with the answers scored."""
     _, caption, qa_pairs = shapes.sample(seed)
     pick = random.Random(-1 - seed)  # a stream of its own, so the scene stays shapes.sample(seed)
-    return ("", caption) if pick.random() < CAPTION_SHARE else pick.choice(qa_pairs)
+    if pick.random() < CAPTION_SHARE:
+        return [(caption, True)]
+    pieces = []
+    for i, (question, answer) in enumerate(pick.sample(qa_pairs, min(QUESTIONS_PER_TEXT, len(qa_pairs)))):
+        pieces += [(question if i == 0 else f". {question}", False), (f" {answer}", True)]
+    return pieces
 
 
 def batch(seeds, processor, newline: int) -> dict[str, torch.Tensor]:
-    """Pixel values, and right-padded ids with labels on the answer and "\\n" only."""
+    """Pixel values, and right-padded ids with labels on the answers and the closing "\n" only."""
     tokenizer, rows, labels = processor.tokenizer, [], []
     image_ids = [processor.image_token_id] * processor.num_query_tokens
     for seed in seeds:
-        prompt, answer = training_text(seed)
-        prompt_ids = tokenizer.encode(prompt)  # [</s>, Question, :, ...]
-        ids = tokenizer.encode(f"{prompt} {answer}" if prompt else answer) + [newline]
-        assert ids[:len(prompt_ids)] == prompt_ids, (prompt, answer)
-        rows.append(image_ids + ids)
-        labels.append([IGNORE] * (len(image_ids) + len(prompt_ids)) + ids[len(prompt_ids):])
+        text, ids, label = "", tokenizer.encode(""), [IGNORE] * (len(image_ids) + 1)  # <image> x Q, </s>
+        for piece, scored in training_text(seed):
+            text += piece
+            longer = tokenizer.encode(text)
+            assert longer[:len(ids)] == ids, text  # pieces start at a word: earlier ids do not change
+            label += longer[len(ids):] if scored else [IGNORE] * (len(longer) - len(ids))
+            ids = longer
+        rows.append(image_ids + ids + [newline])
+        labels.append(label + [newline])
     length = max(map(len, rows))
     input_ids = torch.full((len(rows), length), tokenizer.pad_token_id)
     label_ids = torch.full((len(rows), length), IGNORE)
