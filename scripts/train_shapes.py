@@ -159,6 +159,9 @@ def main(argv=None):
         assert model.config.text_config.vocab_size == vocab_size, "the tokenizer must be the same"
     else:
         model = Blip2ForConditionalGeneration(model_config(vocab_size, newline)).train()
+        # transformers starts the queries at zero (it expects pretrained weights): identical
+        # queries get identical gradients and stay one query forever. LAVIS draws them N(0, 0.02).
+        torch.nn.init.normal_(model.query_tokens, std=model.config.qformer_config.initializer_range)
     model.config._attn_implementation = "eager"
     print(f"{sum(p.numel() for p in model.parameters()):,} parameters, vocabulary {vocab_size}", flush=True)
 
