@@ -33,7 +33,7 @@ from miniblip2.tiny_tokenizer import build_tiny_processor_files, build_tiny_toke
 
 NUM_QUERY_TOKENS = 8
 CAPTION_SHARE = 0.4  # the rest of the texts are question/answer pairs
-QUESTIONS_PER_TEXT = 4  # asked in one chat, so one pass through the vision tower teaches 4 answers
+QUESTIONS_PER_TEXT = 4  # asked in one text, so one pass through the vision tower teaches 4 answers
 IGNORE = -100  # label of a position that is not scored
 
 
@@ -63,20 +63,21 @@ def write_tokenizer_and_processor(out: Path) -> tuple[int, int]:
 
 def training_text(seed: int) -> list[tuple[str, bool]]:
     """One scene's text as (piece, scored) pieces: its caption with no prompt (as BLIP-2
-    captions), or a chat of some of its questions in the format of miniblip2.chat_prompt,
-    "Question: ... Answer: red. Question: ... Answer: small", with the answers scored."""
+    captions), or some of its questions, one per line ("Question: ... Answer: red\\n
+    Question: ..."), with the answers and each line's "\\n" scored. "\\n" ends generation, so a
+    single question at inference is answered exactly as the first line of this text."""
     _, caption, qa_pairs = shapes.sample(seed)
     pick = random.Random(-1 - seed)  # a stream of its own, so the scene stays shapes.sample(seed)
     if pick.random() < CAPTION_SHARE:
-        return [(caption, True)]
+        return [(caption + "\n", True)]
     pieces = []
-    for i, (question, answer) in enumerate(pick.sample(qa_pairs, min(QUESTIONS_PER_TEXT, len(qa_pairs)))):
-        pieces += [(question if i == 0 else f". {question}", False), (f" {answer}", True)]
+    for question, answer in pick.sample(qa_pairs, min(QUESTIONS_PER_TEXT, len(qa_pairs))):
+        pieces += [(question, False), (f" {answer}\n", True)]
     return pieces
 
 
-def batch(seeds, processor, newline: int) -> dict[str, torch.Tensor]:
-    """Pixel values, and right-padded ids with labels on the answers and the closing "\n" only."""
+def batch(seeds, processor) -> dict[str, torch.Tensor]:
+    """Pixel values, and right-padded ids with labels on the answers and their "\\n" only."""
     tokenizer, rows, labels = processor.tokenizer, [], []
     image_ids = [processor.image_token_id] * processor.num_query_tokens
     for seed in seeds:
@@ -87,8 +88,8 @@ def batch(seeds, processor, newline: int) -> dict[str, torch.Tensor]:
             assert longer[:len(ids)] == ids, text  # pieces start at a word: earlier ids do not change
             label += longer[len(ids):] if scored else [IGNORE] * (len(longer) - len(ids))
             ids = longer
-        rows.append(image_ids + ids + [newline])
-        labels.append(label + [newline])
+        rows.append(image_ids + ids)
+        labels.append(label)
     length = max(map(len, rows))
     input_ids = torch.full((len(rows), length), tokenizer.pad_token_id)
     label_ids = torch.full((len(rows), length), IGNORE)
@@ -171,7 +172,7 @@ def main(argv=None):
     for step in steps:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step - steps.start, args.steps, args.lr, args.warmup)
-        loss = model(**batch(range(step * args.batch_size, (step + 1) * args.batch_size), processor, newline)).loss
+        loss = model(**batch(range(step * args.batch_size, (step + 1) * args.batch_size), processor)).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
