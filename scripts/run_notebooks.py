@@ -23,6 +23,8 @@ NOTEBOOKS = ROOT / "notebooks"
 def execute(path: Path, timeout: int = 600) -> nbformat.NotebookNode:
     """Run every cell of one notebook in a new kernel; returns the notebook with its outputs."""
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    # the python3 kernel starts `python` from PATH: make it this interpreter (a venv's, in CI)
+    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     notebook = nbformat.read(path, as_version=4)
     client = NotebookClient(notebook, timeout=timeout, kernel_name="python3", record_timing=False,
                             resources={"metadata": {"path": str(path.parent)}})
