@@ -67,7 +67,8 @@ def test_shapes(traced):
     Q = c.num_query_tokens
     assert t["vision_model.embeddings.patch_embedding"].shape == (B, tokens - 1, c.vision.hidden_size)
     assert t["vision_model.encoder.layers.0"].shape == (B, tokens, c.vision.hidden_size)
-    assert t[f"vision_model.encoder.layers.0.self_attn{PROBS}"].shape == (B, c.vision.num_attention_heads, tokens, tokens)
+    H = c.vision.num_attention_heads
+    assert t[f"vision_model.encoder.layers.0.self_attn{PROBS}"].shape == (B, H, tokens, tokens)
     assert t["qformer.encoder.layer.0"].shape == (B, Q, c.qformer.hidden_size)
     assert t[f"qformer.encoder.layer.0.attention.attention{PROBS}"].shape == (B, c.qformer.num_attention_heads, Q, Q)
     assert t[f"qformer.encoder.layer.0.crossattention.attention{PROBS}"].shape == (
