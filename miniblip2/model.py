@@ -31,6 +31,7 @@ from .precision import cast_weights, check_dtype, like_weight, widen
 from .processor import load_processor
 from .qformer import qformer_model
 from .streaming import TextStreamer
+from .trace import record, trace
 from .vision import vision_model
 from .weights import check_weights, load_checkpoint, nest
 
@@ -146,7 +147,7 @@ class Blip2:
 
     def project(self, query_output):  # [B, 32, 768] -> [B, 32, 2560]
         w = self.weights["language_projection"]
-        return linear(like_weight(self.xp.asarray(query_output), w["weight"]), w)
+        return record(w, linear(like_weight(self.xp.asarray(query_output), w["weight"]), w))
 
     def image_features(self, pixel_values, interpolate_pos_encoding=False):  # [B, 3, H, W] -> [B, Q, D]
         return self.project(self.qformer(self.vision(pixel_values, interpolate_pos_encoding)))
@@ -231,6 +232,11 @@ class Blip2:
         rows = expand_inputs(max(gen.num_beams, gen.num_return_sequences), embeds, xp.asarray(input_ids),
                              xp.asarray(attention_mask))
         return (*rows, gen, rng)
+
+    def trace(self, image, prompt=None):
+        """{checkpoint path: NumPy array}: every intermediate of one forward pass on one image,
+        attention probabilities included; see miniblip2/trace.py."""
+        return trace(self, image, prompt)
 
     def batch_decode(self, ids, skip_special_tokens=True):
         return self._need_processor().tokenizer.batch_decode(ids, skip_special_tokens=skip_special_tokens)

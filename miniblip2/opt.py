@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from .nn import ACTIVATIONS, attention, layer_norm, linear, merge_heads, namespace, split_heads
 from .precision import widen
+from .trace import PROBS, record
 
 POSITION_OFFSET = 2  # OPT's position table starts with 2 unused rows (a fairseq padding_idx relic)
 
@@ -78,7 +79,8 @@ def opt_attention(x, w, num_heads, mask, cache=None, layer_index=0):  # [B, T, D
         cache.values[layer_index][:, :, start:end] = v
         k = cache.keys[layer_index][:, :, :end]  # [B, H, S, K]
         v = cache.values[layer_index][:, :, :end]
-    out, _ = attention(q, k, v, scale=1.0, mask=mask)
+    out, probs = attention(q, k, v, scale=1.0, mask=mask)
+    record(w, probs, PROBS)  # [B, H, T, S]: kept only when tracing (trace.py)
     return linear(merge_heads(out), w["out_proj"])
 
 
@@ -95,21 +97,23 @@ def opt_layer(x, w, config, mask, cache=None, layer_index=0):  # [B, T, D] -> [B
 def opt_decoder(inputs_embeds, attention_mask, w, config, cache=None):  # [B, T, D], [B, S] -> [B, T, D]
     past = cache.length if cache is not None else 0
     decoder = w["model"]["decoder"]
-    positions = widen(decoder["embed_positions"]["weight"][position_ids(attention_mask, past)])  # [B, T, D]
+    table = decoder["embed_positions"]
+    positions = record(table, widen(table["weight"][position_ids(attention_mask, past)]))  # [B, T, D]
     mask = causal_mask(attention_mask, past, inputs_embeds.dtype)
     x = inputs_embeds + positions
     for i, layer in enumerate(decoder["layers"]):
-        x = opt_layer(x, layer, config, mask, cache, i)
+        x = record(layer, opt_layer(x, layer, config, mask, cache, i))
     if cache is not None:
         cache.length += x.shape[1]
-    return layer_norm(x, decoder["final_layer_norm"], config.layer_norm_eps)
+    return record(decoder["final_layer_norm"], layer_norm(x, decoder["final_layer_norm"], config.layer_norm_eps))
 
 
 # OPTDecoder.embed_tokens.
 def embed_tokens(input_ids, w):  # [B, T] -> [B, T, D]
-    return widen(w["model"]["decoder"]["embed_tokens"]["weight"][input_ids])
+    table = w["model"]["decoder"]["embed_tokens"]
+    return record(table, widen(table["weight"][input_ids]))
 
 
 # OPTForCausalLM.lm_head: tied to embed_tokens in every OPT checkpoint; no bias.
 def lm_head(hidden, w):  # [B, T, D] -> [B, T, V]
-    return linear(hidden, w["lm_head"])
+    return record(w["lm_head"], linear(hidden, w["lm_head"]))

@@ -10,6 +10,7 @@ H heads (12), F feed-forward width (3072). `w` is `weights["qformer"]`.
 """
 
 from .nn import ACTIVATIONS, attention, layer_norm, linear, merge_heads, namespace, split_heads
+from .trace import PROBS, record
 
 
 # Blip2QFormerMultiHeadAttention: queries from `x`, keys and values from `context`
@@ -19,14 +20,15 @@ def qformer_attention(x, context, w, num_heads):  # [B, Q, D], [B, S, D or E] ->
     q = split_heads(linear(x, w["query"]), num_heads)  # [B, H, Q, K]
     k = split_heads(linear(context, w["key"]), num_heads)  # [B, H, S, K]
     v = split_heads(linear(context, w["value"]), num_heads)
-    out, _ = attention(q, k, v, scale=q.shape[-1] ** -0.5)
+    out, probs = attention(q, k, v, scale=q.shape[-1] ** -0.5)
+    record(w, probs, PROBS)  # [B, H, Q, S]: kept only when tracing (trace.py)
     return merge_heads(out)
 
 
 # Blip2QFormerAttention + Blip2QFormerSelfOutput: attention, dense, then LayerNorm(out + x).
 def qformer_attention_block(x, context, w, config):  # [B, Q, D] -> [B, Q, D]
     out = qformer_attention(x, context, w["attention"], config.num_attention_heads)
-    return layer_norm(linear(out, w["output"]["dense"]) + x, w["output"]["LayerNorm"], config.layer_norm_eps)
+    return record(w, layer_norm(linear(out, w["output"]["dense"]) + x, w["output"]["LayerNorm"], config.layer_norm_eps))
 
 
 # Blip2QFormerLayer.feed_forward_chunk_query: the queries have their own FFN weights
@@ -49,8 +51,8 @@ def qformer_layer(x, image_embeds, w, config):  # [B, Q, D], [B, T, E] -> [B, Q,
 # the queries are layer-normed first (`qformer.layernorm`, the BERT embeddings LayerNorm).
 def qformer_model(query_tokens, image_embeds, w, config):  # [1, Q, D], [B, T, E] -> [B, Q, D]
     xp = namespace(image_embeds)
-    x = layer_norm(query_tokens, w["layernorm"], config.layer_norm_eps)
+    x = record(w["layernorm"], layer_norm(query_tokens, w["layernorm"], config.layer_norm_eps))
     x = xp.broadcast_to(x, (image_embeds.shape[0], *x.shape[1:]))  # [B, Q, D]: the same queries per image
     for layer in w["encoder"]["layer"]:
-        x = qformer_layer(x, image_embeds, layer, config)
+        x = record(layer, qformer_layer(x, image_embeds, layer, config))
     return x

@@ -15,6 +15,7 @@ import numpy as np
 from .errors import ImageError
 from .nn import ACTIVATIONS, attention, layer_norm, linear, merge_heads, namespace
 from .precision import widen
+from .trace import PROBS, record
 
 
 # nn.Conv2d(C, D, kernel_size=P, stride=P): a convolution whose stride equals its kernel is one
@@ -26,7 +27,7 @@ def patch_embed(pixel_values, w, patch_size):  # [B, C, H, W] -> [B, N, D]
     x = x.reshape(B, C, gh, P, gw, P).transpose(0, 2, 4, 1, 3, 5)  # [B, gh, gw, C, P, P]
     x = x.reshape(B, gh * gw, C * P * P)  # [B, 256, 588]: one row per patch, in raster order
     kernel = w["weight"].reshape(w["weight"].shape[0], -1)  # [D, C*P*P]
-    return linear(x, {"weight": kernel, "bias": w["bias"]})
+    return record(w, linear(x, {"weight": kernel, "bias": w["bias"]}))
 
 
 # torch.nn.functional.interpolate(mode="bicubic", align_corners=False) along one axis, as an
@@ -79,7 +80,7 @@ def vision_embeddings(pixel_values, w, config, interpolate_pos_encoding=False): 
             f"pixel_values of {height}x{width} px make {x.shape[1] - 1} patches but the model was trained "
             f"on {config.image_size}x{config.image_size} px ({positions.shape[1] - 1} patches): resize the "
             "image with the processor, or pass interpolate_pos_encoding=True")
-    return x + positions
+    return record(w, x + positions)
 
 
 # Blip2Attention: one fused qkv projection. The stored K bias is all zeros (the original model had
@@ -89,7 +90,8 @@ def vit_attention(x, w, num_heads):  # [B, T, D] -> [B, T, D]
     K = D // num_heads
     qkv = linear(x, w["qkv"])  # [B, T, 3D]
     qkv = qkv.reshape(B, T, 3, num_heads, K).transpose(2, 0, 3, 1, 4)  # [3, B, H, T, K]
-    out, _ = attention(qkv[0], qkv[1], qkv[2], scale=K ** -0.5)
+    out, probs = attention(qkv[0], qkv[1], qkv[2], scale=K ** -0.5)
+    record(w, probs, PROBS)  # [B, H, T, T]: kept only when tracing (trace.py)
     return linear(merge_heads(out), w["projection"])
 
 
@@ -109,5 +111,5 @@ def vit_layer(x, w, config):  # [B, T, D] -> [B, T, D]
 def vision_model(pixel_values, w, config, interpolate_pos_encoding=False):  # [B, C, H, W] -> [B, T, D]
     x = vision_embeddings(pixel_values, w["embeddings"], config, interpolate_pos_encoding)
     for layer in w["encoder"]["layers"]:
-        x = vit_layer(x, layer, config)
-    return layer_norm(x, w["post_layernorm"], config.layer_norm_eps)
+        x = record(layer, vit_layer(x, layer, config))
+    return record(w["post_layernorm"], layer_norm(x, w["post_layernorm"], config.layer_norm_eps))

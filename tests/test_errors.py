@@ -12,6 +12,7 @@ import pytest
 import miniblip2
 from conftest import REFERENCE
 from miniblip2 import CheckpointError, DeviceError, ImageError, PromptError
+from miniblip2 import shipped
 from miniblip2.config import config_from_dict, read_config
 from tiny import IMAGE_TOKEN
 
@@ -171,6 +172,9 @@ def test_caption_without_processor_files(tiny):
         miniblip2.load(tiny).caption("docs/example.png")
 
 
-def test_module_caption_needs_weights():
+def test_module_caption_needs_weights(monkeypatch, tmp_path):
+    """Without weights=, $MINIBLIP2_WEIGHTS or the shipped model, the error says what to give."""
+    monkeypatch.delenv(shipped.WEIGHTS_ENV, raising=False)
+    monkeypatch.setattr(shipped, "SHAPES_TINY", tmp_path / "not-shipped")
     with pytest.raises(CheckpointError, match="weights="):
         miniblip2.caption("docs/example.png")
