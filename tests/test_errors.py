@@ -11,8 +11,7 @@ import pytest
 
 import miniblip2
 from conftest import REFERENCE
-from miniblip2 import CheckpointError, DeviceError, ImageError, PromptError
-from miniblip2 import shipped
+from miniblip2 import CheckpointError, DeviceError, ImageError, PromptError, shipped
 from miniblip2.config import config_from_dict, read_config
 from tiny import IMAGE_TOKEN
 
