@@ -52,6 +52,24 @@ def model_config(vocab_size: int, eos_token_id: int) -> Blip2Config:
         num_query_tokens=NUM_QUERY_TOKENS, image_token_index=vocab_size - 1)
 
 
+@torch.no_grad()
+def initialize(model) -> None:
+    """Draw every weight afresh. transformers 5.23 expects pretrained weights and leaves a new
+    Blip2ForConditionalGeneration barely initialised: the vision tower at std 1e-10, some layer
+    norm scales at 0, the queries at 0 (identical queries get identical gradients and stay one
+    query). Here, as BERT, ViT and OPT are initialised: N(0, 0.02), layer norms 1 and 0, biases 0.
+    Position embeddings are drawn at the scale of a patch's embedding (about 0.4), so that where
+    a patch sits is visible from the first step: a circle and a square differ only at their edges."""
+    for name, p in model.named_parameters():
+        if "norm" in name.lower():  # LayerNorm, layer_norm1, post_layernorm, final_layer_norm, ...
+            p.fill_(1.0 if name.endswith("weight") else 0.0)
+        elif name.endswith("bias"):
+            p.zero_()
+        else:
+            p.normal_(0.0, 0.02)
+    model.vision_model.embeddings.position_embedding.normal_(0.0, 0.4)
+
+
 def write_tokenizer_and_processor(out: Path) -> tuple[int, int]:
     """The OPT-style tokenizer trained on the world's texts (every word becomes one token), and
     the preprocessor/processor files. Returns (vocab size, id of "\\n")."""
@@ -160,9 +178,7 @@ def main(argv=None):
         assert model.config.text_config.vocab_size == vocab_size, "the tokenizer must be the same"
     else:
         model = Blip2ForConditionalGeneration(model_config(vocab_size, newline)).train()
-        # transformers starts the queries at zero (it expects pretrained weights): identical
-        # queries get identical gradients and stay one query forever. LAVIS draws them N(0, 0.02).
-        torch.nn.init.normal_(model.query_tokens, std=model.config.qformer_config.initializer_range)
+        initialize(model)
     model.config._attn_implementation = "eager"
     print(f"{sum(p.numel() for p in model.parameters()):,} parameters, vocabulary {vocab_size}", flush=True)
 
