@@ -43,8 +43,9 @@ from miniblip2.config import config_from_dict  # noqa: E402
 from miniblip2.model import TIED_WEIGHTS, expected_shapes  # noqa: E402
 from miniblip2.random_checkpoint import preset_config, write_random_checkpoint  # noqa: E402
 from miniblip2.weights import CheckpointError, check_weights, load_checkpoint  # noqa: E402
+from doc import write_section  # noqa: E402  (bench/doc.py, beside this script)
 
-DEFAULT_WEIGHTS = Path("/work/bench-weights/blip2-opt-2.7b")
+DEFAULT_WEIGHTS = REPO / "weights" / "blip2-opt-2.7b-random"  # git-ignored, 15 GB
 IMAGE = REPO / "docs" / "example.png"
 # "Question: what is in the picture? Answer:" as OPT token ids, after the 32 <image> ids and BOS.
 PROMPT_IDS = [45641, 35, 99, 16, 11, 5, 2170, 116, 31652, 35]
@@ -364,13 +365,13 @@ def _version(name):
 
 
 def write_doc(path, table, notes, ratio):
-    text = (f"# Speed on the CPU\n\nWritten by `python bench/cpu.py` (full size): miniblip2 against "
-            f"transformers' PyTorch implementation of blip2-opt-2.7b in float32 on the same machine. "
-            f"Ratios below 1 mean miniblip2 is faster; \"floor\" is the time the stage would take at "
-            f"the machine's measured matrix-product rate (vision, Q-Former, prefill) or memory read rate "
-            f"(decode: every decoder weight and the LM head read once per token).\n\n"
-            f"{table}\n\n" + "\n".join(notes) + f"\n\ntotal ratio miniblip2/transformers: {ratio:.2f}\n")
-    Path(path).write_text(text)
+    write_section(path, "CPU", (
+        "Written by `python bench/cpu.py` (full size): miniblip2 against transformers' PyTorch "
+        "implementation of blip2-opt-2.7b in float32 on the same machine. Ratios below 1 mean miniblip2 "
+        "is faster; \"floor\" is the time the stage would take at the machine's measured matrix-product "
+        "rate (vision, Q-Former, prefill) or memory read rate (decode: every decoder weight and the LM "
+        "head read once per token).\n\n"
+        f"{table}\n\n" + "\n".join(notes) + f"\n\ntotal ratio miniblip2/transformers: {ratio:.2f}\n"))
 
 
 def main(argv=None):

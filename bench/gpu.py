@@ -34,6 +34,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from doc import write_section  # noqa: E402  (bench/doc.py, beside this script)
+
 DEFAULT_WEIGHTS = REPO / "weights" / "blip2-opt-2.7b-random-fp16"
 DOC = REPO / "docs" / "BENCHMARKS.md"
 IMAGE = REPO / "docs" / "example.png"
@@ -211,21 +213,6 @@ def report(args, mine, theirs):
               f"tokens forced, greedy; medians of {args.reps} runs after a warm-up. Ratios below 1 mean miniblip2 "
               "is faster.")
     return header + "\n\n" + "\n".join(rows)
-
-
-# Replace only the "## GPU" section (up to the next "## " heading), keeping the rest of the file.
-def write_section(path, body):
-    path = Path(path)
-    text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    section = f"## GPU\n\nWritten by `python bench/gpu.py` (full size).\n\n{body}\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == "## GPU"), None)
-    if start is None:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        text = "".join(lines[:start]) + section + ("\n" + "".join(lines[end:]) if end < len(lines) else "")
-    path.write_text(text)
 
 
 def parse_args(argv=None):
