@@ -43,13 +43,9 @@ from miniblip2.config import config_from_dict  # noqa: E402
 from miniblip2.model import TIED_WEIGHTS, expected_shapes  # noqa: E402
 from miniblip2.random_checkpoint import preset_config, write_random_checkpoint  # noqa: E402
 from miniblip2.weights import CheckpointError, check_weights, load_checkpoint  # noqa: E402
-from doc import write_section  # noqa: E402  (bench/doc.py, beside this script)
+from common import PROMPT_IDS, StageClock, bench_inputs, write_section  # noqa: E402  (bench/common.py)
 
 DEFAULT_WEIGHTS = REPO / "weights" / "blip2-opt-2.7b-random"  # git-ignored, 15 GB
-IMAGE = REPO / "docs" / "example.png"
-# "Question: what is in the picture? Answer:" as OPT token ids, after the 32 <image> ids and BOS.
-PROMPT_IDS = [45641, 35, 99, 16, 11, 5, 2170, 116, 31652, 35]
-BOS = 2
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
@@ -75,16 +71,6 @@ def ensure_weights(folder, layers):
     write_random_checkpoint(folder, "blip2-opt-2.7b", layers)
     print(f"  done in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     return folder
-
-
-def bench_inputs(config):
-    """The same image (docs/example.png, preprocessed as BLIP-2 does) and prompt ids for both."""
-    from miniblip2.image import ImageConfig, preprocess
-    size = config.vision.image_size  # blip2-opt-2.7b's preprocessor_config.json says 224 x 224
-    pixel_values = preprocess([IMAGE], ImageConfig(height=size, width=size))  # [1, 3, 224, 224]
-    ids = [config.image_token_index] * config.num_query_tokens + [BOS] + PROMPT_IDS
-    input_ids = np.asarray([ids], dtype=np.int64)  # [1, 43]
-    return pixel_values, input_ids, np.ones_like(input_ids)
 
 
 # --- work and bytes per stage, from the config ------------------------------------------------
@@ -148,28 +134,6 @@ class TokenClock:
         prompt, first, last = self.times[0], self.times[1], self.times[-1]
         steps = len(self.times) - 2
         return {"prefill": first - prompt, "decode": (last - first) / steps, "new_tokens": len(self.times) - 1}
-
-
-class StageClock:
-    """Seconds spent in named stages, from start/stop calls around them."""
-
-    def __init__(self):
-        self.seconds, self.started = {}, {}
-
-    def start(self, name, *_):
-        self.started[name] = time.perf_counter()
-
-    def stop(self, name, *_):
-        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - self.started.pop(name)
-
-    def wrap(self, name, function):
-        def timed(*args, **kwargs):
-            self.start(name)
-            try:
-                return function(*args, **kwargs)
-            finally:
-                self.stop(name)
-        return timed
 
 
 def peak_rss():

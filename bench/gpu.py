@@ -34,15 +34,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from doc import write_section  # noqa: E402  (bench/doc.py, beside this script)
+from common import PROMPT_IDS, StageClock, bench_inputs, write_section  # noqa: E402  (bench/common.py)
 
 DEFAULT_WEIGHTS = REPO / "weights" / "blip2-opt-2.7b-random-fp16"
 DOC = REPO / "docs" / "BENCHMARKS.md"
-IMAGE = REPO / "docs" / "example.png"
-# "Question: what is in the picture? Answer:" as OPT token ids, after the 32 <image> ids and BOS
-# (the same prompt as bench/cpu.py).
-PROMPT_IDS = [45641, 35, 99, 16, 11, 5, 2170, 116, 31652, 35]
-BOS = 2
 STAGES = ("load", "vision", "qformer", "prefill", "decode", "total", "peak_memory")
 
 
@@ -56,38 +51,13 @@ def ensure_weights(folder, layers):
     return folder
 
 
-def bench_inputs(config):
-    """The same image and prompt ids for both: [1, 3, 224, 224] float32, [1, 43] ids, mask."""
-    from miniblip2.image import ImageConfig, preprocess
-    size = config.vision.image_size
-    pixel_values = preprocess([IMAGE], ImageConfig(height=size, width=size))
-    input_ids = np.array([[config.image_token_index] * config.num_query_tokens + [BOS] + PROMPT_IDS], np.int64)
-    return pixel_values, input_ids, np.ones_like(input_ids)
-
-
-class Clock:
-    """Stage seconds from start/stop around them, and the arrival time of each streamed token
-    (transformers' put/end streamer protocol). `sync` waits for the GPU at each boundary."""
+class Clock(StageClock):
+    """Stage seconds, and the arrival time of each streamed token (transformers' put/end
+    streamer protocol). `sync` waits for the GPU at each stage boundary."""
 
     def __init__(self, sync):
-        self.sync, self.seconds, self.started, self.times = sync, {}, {}, []
-
-    def start(self, name, *_):
-        self.sync()
-        self.started[name] = time.perf_counter()
-
-    def stop(self, name, *_):
-        self.sync()
-        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - self.started.pop(name)
-
-    def wrap(self, name, function):
-        def timed(*args, **kwargs):
-            self.start(name)
-            try:
-                return function(*args, **kwargs)
-            finally:
-                self.stop(name)
-        return timed
+        super().__init__(sync)
+        self.times = []
 
     def put(self, value):  # the ids are on the host already: the GPU work before them is done
         self.times.append(time.perf_counter())
@@ -247,7 +217,7 @@ def main(argv=None):
     print(body)
     doc = args.doc or (DOC if args.layers is None else None)
     if doc:
-        write_section(doc, body)
+        write_section(doc, "GPU", "Written by `python bench/gpu.py` (full size).\n\n" + body)
         print(f"wrote the GPU section of {doc}", file=sys.stderr)
 
 
