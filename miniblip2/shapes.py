@@ -137,10 +137,8 @@ def corpus(seeds) -> list[str]:
     """Every text the model sees for these scenes: captions, and questions with their answers."""
     texts = []
     for seed in seeds:
-        rng = random.Random(seed)
-        objects = draw_objects(rng)
-        texts.append(caption(objects))
-        texts += [f"{q} {a}" for q, a in questions(objects, rng)]
+        _, scene_caption, qa_pairs = sample(seed)
+        texts += [scene_caption] + [f"{q} {a}" for q, a in qa_pairs]
     return texts
 
 
@@ -157,18 +155,19 @@ class Evaluation:
 def evaluate(model, seeds, batch_size: int = 64, max_new_tokens: int = 24) -> Evaluation:
     """Caption every scene and answer every question with greedy search, and score them.
     `model` is anything with miniblip2's `caption(images, prompt=..., max_new_tokens=...)`."""
+    def in_batches(images, prompts=None):
+        texts = []
+        for start in range(0, len(images), batch_size):
+            chunk = slice(start, start + batch_size)
+            texts += model.caption(images[chunk], prompt=None if prompts is None else prompts[chunk],
+                                   max_new_tokens=max_new_tokens)
+        return texts
+
     seeds = list(seeds)
     scenes = [sample(seed) for seed in seeds]
-    images = [image for image, _, _ in scenes]
-    captions = []
-    for start in range(0, len(images), batch_size):
-        captions += model.caption(images[start:start + batch_size], max_new_tokens=max_new_tokens)
+    captions = in_batches([image for image, _, _ in scenes])
     asked = [(image, question) for image, _, qa_pairs in scenes for question, _ in qa_pairs]
-    replies = []
-    for start in range(0, len(asked), batch_size):
-        chunk = asked[start:start + batch_size]
-        replies += model.caption([image for image, _ in chunk], prompt=[q for _, q in chunk],
-                                 max_new_tokens=max_new_tokens)
+    replies = in_batches([image for image, _ in asked], [question for _, question in asked])
     answers, start = [], 0
     for _, _, qa_pairs in scenes:
         answers.append(replies[start:start + len(qa_pairs)])

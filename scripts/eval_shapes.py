@@ -23,11 +23,15 @@ class TransformersModel:
     """transformers' Blip2ForConditionalGeneration behind miniblip2's `caption`, fed the arrays
     of miniblip2's processor (identical to Blip2Processor's with the PIL image backend)."""
 
-    def __init__(self, folder, processor):
+    def __init__(self, model, processor):
+        import torch
+        self.torch, self.model, self.processor = torch, model, processor
+
+    @classmethod
+    def load(cls, folder, processor):
         import torch
         from transformers import Blip2ForConditionalGeneration
-        self.torch, self.processor = torch, processor
-        self.model = Blip2ForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+        return cls(Blip2ForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval(), processor)
 
     def caption(self, images, prompt=None, max_new_tokens=24):
         inputs = self.processor(images=images, text=prompt or [""] * len(images))
@@ -59,7 +63,7 @@ def main(argv=None):
     if args.no_transformers:
         return 0
     start = time.time()
-    theirs = shapes.evaluate(TransformersModel(args.weights, model.processor), seeds)
+    theirs = shapes.evaluate(TransformersModel.load(args.weights, model.processor), seeds)
     agree = sum(a == b for a, b in zip(ours.captions, theirs.captions))
     agree_answers = sum(a == b for x, y in zip(ours.answers, theirs.answers) for a, b in zip(x, y))
     print(f"transformers, {time.time() - start:.0f} s: caption {theirs.caption_accuracy:.1%}, "

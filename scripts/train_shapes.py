@@ -28,7 +28,8 @@ from transformers import Blip2Config, Blip2ForConditionalGeneration
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from miniblip2 import shapes  # noqa: E402
-from miniblip2.processor import load_processor  # noqa: E402
+from eval_shapes import TransformersModel  # noqa: E402  (scripts/eval_shapes.py)
+from miniblip2.processor import load_processor, pad  # noqa: E402
 from miniblip2.tiny_tokenizer import build_tiny_processor_files, build_tiny_tokenizer  # noqa: E402
 
 NUM_QUERY_TOKENS = 8
@@ -108,16 +109,11 @@ def batch(seeds, processor) -> dict[str, torch.Tensor]:
             ids = longer
         rows.append(image_ids + ids)
         labels.append(label)
-    length = max(map(len, rows))
-    input_ids = torch.full((len(rows), length), tokenizer.pad_token_id)
-    label_ids = torch.full((len(rows), length), IGNORE)
-    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for b, (row, label) in enumerate(zip(rows, labels)):
-        input_ids[b, :len(row)] = torch.tensor(row)
-        label_ids[b, :len(row)] = torch.tensor(label)
-        attention_mask[b, :len(row)] = 1
-    pixel_values = torch.from_numpy(processor(images=[shapes.sample(s)[0] for s in seeds])["pixel_values"])
-    return dict(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, labels=label_ids)
+    input_ids, attention_mask = pad(rows, tokenizer.pad_token_id, "right")
+    label_ids, _ = pad(labels, IGNORE, "right")
+    pixel_values = processor(images=[shapes.sample(s)[0] for s in seeds])["pixel_values"]
+    arrays = dict(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, labels=label_ids)
+    return {name: torch.from_numpy(array) for name, array in arrays.items()}
 
 
 def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
@@ -130,18 +126,9 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
 def accuracy(model, processor, seeds) -> tuple[float, float]:
     """Exact-match caption and answer accuracy with transformers' greedy generate."""
     model.eval()
-    captions, answers = 0, []
-    for seed in seeds:
-        image, caption, qa_pairs = shapes.sample(seed)
-        prompts = [""] + [q for q, _ in qa_pairs]
-        inputs = processor(images=[image] * len(prompts), text=prompts)
-        inputs = {k: torch.from_numpy(v) for k, v in inputs.items()}
-        out = model.generate(**inputs, max_new_tokens=24, do_sample=False)
-        texts = [t.strip() for t in processor.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:].numpy())]
-        captions += texts[0] == caption
-        answers += [t == a for t, (_, a) in zip(texts[1:], qa_pairs)]
+    scores = shapes.evaluate(TransformersModel(model, processor), seeds)
     model.train()
-    return captions / len(seeds), sum(answers) / len(answers)
+    return scores.caption_accuracy, scores.vqa_accuracy
 
 
 def cpu_name() -> str:

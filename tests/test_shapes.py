@@ -125,7 +125,7 @@ def test_transformers_agrees_on_every_scene(model, evaluation):
     generate the same text for every caption and every answer."""
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    theirs = shapes.evaluate(TransformersModel(SHIPPED, model.processor), HELD_OUT)
+    theirs = shapes.evaluate(TransformersModel.load(SHIPPED, model.processor), HELD_OUT)
     assert theirs.captions == evaluation.captions
     assert theirs.answers == evaluation.answers
 
