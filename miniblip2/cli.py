@@ -13,8 +13,10 @@ import random
 import sys
 
 from . import shapes
+from .device import DEVICES
 from .errors import MiniBlip2Error
 from .model import load
+from .precision import DTYPES
 from .shipped import WEIGHTS_ENV, weights_folder
 
 
@@ -33,9 +35,9 @@ def build_parser():
     cap.add_argument("--temperature", type=float)
     cap.add_argument("--repetition-penalty", type=float)
     cap.add_argument("--seed", type=int, help="makes sampling reproducible")
-    cap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+    cap.add_argument("--device", choices=DEVICES, default="cpu",
                      help="where to run; cuda needs CuPy: pip install 'miniblip2[gpu]'")
-    cap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    cap.add_argument("--dtype", choices=DTYPES, default="float32")
     demo = commands.add_parser("demo", help="caption a new scene of coloured shapes, beside its true caption")
     demo.add_argument("--seed", type=int, help="the scene (default: a random held-out one)")
     demo.add_argument("--out", default="shapes-demo.png", help="where to save the picture")
