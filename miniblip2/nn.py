@@ -11,7 +11,7 @@ A weight `w` is the checkpoint's own dict for one module: `w["weight"]` in PyTor
 
 import math
 
-from .device import namespace
+from .device import namespace, on_host
 from .precision import in_float32, like_weight, matmul, widen
 
 
@@ -71,7 +71,7 @@ def _gelu(x):
 # the same numbers. A GPU is fastest with one kernel per operation over the whole array.
 def in_row_blocks(f, x, block_size=1 << 16):  # f: [..., N] -> [..., N] elementwise
     xp = namespace(x)
-    if x.device != "cpu" or x.size <= block_size:
+    if not on_host(xp) or x.size <= block_size:
         return f(x)
     rows = x.reshape(-1, x.shape[-1])  # [R, N]
     step = max(1, block_size // rows.shape[1])
