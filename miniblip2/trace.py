@@ -28,6 +28,8 @@ from contextlib import contextmanager
 
 import numpy as np
 
+from .device import to_numpy
+
 PROBS = ".probs"  # the suffix of attention probabilities
 _recorder = contextvars.ContextVar("miniblip2_recorder", default=None)
 
@@ -73,10 +75,6 @@ def recording(model):
         yield recorder.records
     finally:
         _recorder.reset(token)
-
-
-def to_numpy(x):
-    return x.get() if hasattr(x, "get") else np.asarray(x)  # CuPy arrays come back to the host
 
 
 def trace_forward(model, pixel_values, input_ids=None, attention_mask=None):

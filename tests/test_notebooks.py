@@ -14,6 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 sys.path.insert(0, str(ROOT / "scripts"))
+pytest.importorskip("nbclient", reason="the notebook runner needs the test extra: pip install -e '.[test]'")
 from run_notebooks import execute  # noqa: E402
 
 HAVE_WEIGHTS = (ROOT / "weights" / "shapes-tiny" / "config.json").is_file() or os.environ.get("MINIBLIP2_WEIGHTS")

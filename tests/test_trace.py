@@ -13,6 +13,7 @@ import torch
 
 import miniblip2
 from conftest import CONFIGS
+from miniblip2.device import to_numpy
 from miniblip2.trace import PROBS, recording, trace_forward
 from miniblip2.model import TIED_WEIGHTS
 from miniblip2.weights import load_checkpoint
@@ -81,12 +82,12 @@ def test_shapes(traced):
 
 def test_values_are_the_untraced_stages_bit_for_bit(traced):
     _, model, pixels, ids, mask, t = traced
-    image_embeds = model.vision(pixels)
+    image_embeds = model.vision(pixels)  # the stages' own arrays, on the model's device
     query_output = model.qformer(image_embeds)
     last_q = f"qformer.encoder.layer.{model.config.qformer.num_hidden_layers - 1}"
-    np.testing.assert_array_equal(t["vision_model.post_layernorm"], image_embeds)
-    np.testing.assert_array_equal(t[last_q], query_output)
-    np.testing.assert_array_equal(t["language_projection"], model.project(query_output))
+    np.testing.assert_array_equal(t["vision_model.post_layernorm"], to_numpy(image_embeds))
+    np.testing.assert_array_equal(t[last_q], to_numpy(query_output))
+    np.testing.assert_array_equal(t["language_projection"], to_numpy(model.project(query_output)))
     np.testing.assert_array_equal(t["language_model.lm_head"], model.forward(pixels, ids, mask))
 
 
@@ -143,7 +144,7 @@ def test_recording_generation_keeps_one_array_per_step(checkpoint):
     ids, mask = prompts(model.config, [4], seed=4)
     with recording(model) as records:
         out = model.generate(pixels, ids, mask, max_new_tokens=5, min_new_tokens=5)  # no early stop: 5 steps
-    steps = records["language_model.lm_head"]
+    steps = [to_numpy(s) for s in records["language_model.lm_head"]]  # recordings stay where computed
     assert len(steps) == 5 and [s.shape for s in steps] == [(1, 1, model.config.text.vocab_size)] * 5
     no_eos = [np.where(np.arange(s.shape[-1]) == EOS_TOKEN, -np.inf, s[0, -1]) for s in steps]  # min_new_tokens
     assert [int(s.argmax()) for s in no_eos] == out[0, ids.shape[1]:].tolist()  # greedy: the argmax
