@@ -17,6 +17,10 @@ different shape, sit in different cells. Each object has a colour, a size and a 
                             "a large red circle to the left of a small blue square" (same row)
     three objects           "a large red circle, a small blue square and a small green cross"
 Objects are always named in reading order (top row first, then left to right).
+
+Each object sits in the middle of its cell, and the cells line up with the shipped model's
+16 px patches (2 x 2 patches a cell): a shape of a given size is the same pattern of pixels in
+every cell, so what the model has to learn is the shapes, not where in a patch they fall.
 """
 
 import random
@@ -103,20 +107,18 @@ def render(objects: list[Shape], rng: random.Random) -> Image.Image:
     for o in objects:
         fill = tuple(min(255, max(0, c + rng.randint(-COLOR_JITTER, COLOR_JITTER))) for c in COLORS[o.color])
         side = rng.randint(*SIZES[o.size])
-        left, top = place_in_cell(o, side, rng)
+        left, top = centre_in_cell(o, side)
         draw_shape(pen, o.shape, [SUPERSAMPLE * v for v in (left, top, left + side, top + side)], fill)
     return big.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX)
 
 
-def place_in_cell(o: Shape, side: int, rng: random.Random) -> tuple[int, int]:
-    """The top-left corner of a side x side box somewhere inside the object's cell."""
-    def start(index):
-        low, high = index * IMAGE_SIZE // GRID, (index + 1) * IMAGE_SIZE // GRID
-        return rng.randint(low, max(low, high - side))
-    return start(o.column), start(o.row)
+def centre_in_cell(o: Shape, side: int) -> tuple[float, float]:
+    """The top-left corner of a side x side box in the middle of the object's cell."""
+    cell = IMAGE_SIZE / GRID
+    return o.column * cell + (cell - side) / 2, o.row * cell + (cell - side) / 2
 
 
-def draw_shape(pen: ImageDraw.ImageDraw, shape: str, box: list[int], fill) -> None:
+def draw_shape(pen: ImageDraw.ImageDraw, shape: str, box: list[float], fill) -> None:
     left, top, right, bottom = box
     middle_x, middle_y = (left + right) / 2, (top + bottom) / 2
     if shape == "circle":

@@ -35,10 +35,10 @@ class TransformersModel:
 
     def caption(self, images, prompt=None, max_new_tokens=24):
         inputs = self.processor(images=images, text=prompt or [""] * len(images))
-        inputs = {k: self.torch.from_numpy(v) for k, v in inputs.items()}
+        inputs = {k: self.torch.from_numpy(v).to(self.model.device) for k, v in inputs.items()}
         with self.torch.no_grad():
             ids = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        new = ids[:, inputs["input_ids"].shape[1]:].numpy()
+        new = ids[:, inputs["input_ids"].shape[1]:].cpu().numpy()
         return [text.strip() for text in self.processor.tokenizer.batch_decode(new)]
 
 

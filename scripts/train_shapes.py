@@ -33,18 +33,20 @@ from miniblip2.processor import load_processor, pad  # noqa: E402
 from miniblip2.tiny_tokenizer import build_tiny_processor_files, build_tiny_tokenizer  # noqa: E402
 
 NUM_QUERY_TOKENS = 8
+PATCH_SIZE = 16  # shapes' 32 px cells are 2 x 2 patches
 CAPTION_SHARE = 0.4  # the rest of the texts are question/answer pairs
 QUESTIONS_PER_TEXT = 4  # asked in one text, so one pass through the vision tower teaches 4 answers
 IGNORE = -100  # label of a position that is not scored
 
 
 def model_config(vocab_size: int, eos_token_id: int) -> Blip2Config:
-    """BLIP-2's architecture, narrow and shallow: 96 px images in 12 px patches, 8 queries."""
+    """BLIP-2's architecture, narrow and shallow: 96 px images in 16 px patches (2 x 2 patches
+    to a cell of the shapes world), 8 queries."""
     return Blip2Config(
-        vision_config=dict(hidden_size=96, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-                           image_size=shapes.IMAGE_SIZE, patch_size=12),
+        vision_config=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                           image_size=shapes.IMAGE_SIZE, patch_size=PATCH_SIZE),
         qformer_config=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-                            cross_attention_frequency=2, encoder_hidden_size=96, max_position_embeddings=64,
+                            cross_attention_frequency=2, encoder_hidden_size=128, max_position_embeddings=64,
                             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
         text_config=dict(model_type="opt", vocab_size=vocab_size, hidden_size=128, ffn_dim=512,
                          num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=128,
@@ -116,6 +118,21 @@ def batch(seeds, processor) -> dict[str, torch.Tensor]:
     return {name: torch.from_numpy(array) for name, array in arrays.items()}
 
 
+class StepBatches(torch.utils.data.Dataset):
+    """Batch number `step` is the scenes [step * size, (step + 1) * size): drawn by DataLoader
+    workers while the model trains, the same batches whatever the number of workers."""
+
+    def __init__(self, steps: range, size: int, processor):
+        self.steps, self.size, self.processor = steps, size, processor
+
+    def __len__(self):
+        return len(self.steps)
+
+    def __getitem__(self, i):
+        step = self.steps[i]
+        return batch(range(step * self.size, (step + 1) * self.size), self.processor)
+
+
 def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -123,19 +140,26 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
 
 
 @torch.no_grad()
-def accuracy(model, processor, seeds) -> tuple[float, float]:
-    """Exact-match caption and answer accuracy with transformers' greedy generate."""
+def accuracy(model, processor, seeds) -> tuple[float, float, dict[str, float]]:
+    """Exact-match caption and answer accuracy with transformers' greedy generate, and the
+    answer accuracy by kind of question ("what color", "where is", "is there", ...)."""
     model.eval()
     scores = shapes.evaluate(TransformersModel(model, processor), seeds)
     model.train()
-    return scores.caption_accuracy, scores.vqa_accuracy
+    right = {}
+    for seed, answers in zip(scores.seeds, scores.answers):
+        for (question, truth), answer in zip(shapes.sample(seed)[2], answers):
+            right.setdefault(" ".join(question.split()[1:3]), []).append(answer == truth)
+    return scores.caption_accuracy, scores.vqa_accuracy, {kind: sum(r) / len(r) for kind, r in right.items()}
 
 
-def cpu_name() -> str:
+def machine_name(args) -> str:
+    if args.device != "cpu":
+        return f"{torch.cuda.get_device_name(args.device)}, {args.workers} data workers"
     cpuinfo = Path("/proc/cpuinfo")
     names = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.is_file() else [])
              if line.startswith("model name")]
-    return names[0] if names else platform.processor() or platform.machine()
+    return f"{names[0] if names else platform.processor() or platform.machine()}, {args.threads} thread(s)"
 
 
 def main(argv=None):
@@ -147,6 +171,8 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--workers", type=int, default=0, help="processes that draw the scenes (0: the training one)")
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--init", type=Path, help="go on training this checkpoint (same tokenizer) instead of a new one")
     parser.add_argument("--first-step", type=int, default=0,
@@ -167,15 +193,18 @@ def main(argv=None):
         model = Blip2ForConditionalGeneration(model_config(vocab_size, newline)).train()
         initialize(model)
     model.config._attn_implementation = "eager"
+    model.to(args.device)
     print(f"{sum(p.numel() for p in model.parameters()):,} parameters, vocabulary {vocab_size}", flush=True)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     validation = range(shapes.HELD_OUT_SEEDS.stop, shapes.HELD_OUT_SEEDS.stop + 30)  # not the test seeds
     log, start, running = [], time.time(), None
-    for step in steps:
+    batches = torch.utils.data.DataLoader(StepBatches(steps, args.batch_size, processor), batch_size=None,
+                                          num_workers=args.workers, pin_memory=args.device != "cpu")
+    for step, inputs in zip(steps, batches):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step - steps.start, args.steps, args.lr, args.warmup)
-        loss = model(**batch(range(step * args.batch_size, (step + 1) * args.batch_size), processor)).loss
+        loss = model(**{name: t.to(args.device, non_blocking=True) for name, t in inputs.items()}).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -184,10 +213,12 @@ def main(argv=None):
         if (step + 1) % 100 == 0:
             print(f"step {step + 1:5d}  loss {running:.4f}  {time.time() - start:6.0f} s", flush=True)
         if (step + 1) % args.eval_every == 0 or step + 1 == steps.stop:
-            captions, answers = accuracy(model, processor, validation)
+            captions, answers, by_kind = accuracy(model, processor, validation)
             log.append(dict(step=step + 1, loss=round(running, 5), seconds=round(time.time() - start),
                             caption_accuracy=captions, vqa_accuracy=answers))
-            print(f"step {step + 1:5d}  validation: captions {captions:.1%}  answers {answers:.1%}", flush=True)
+            kinds = "  ".join(f"{kind} {share:.0%}" for kind, share in by_kind.items())
+            print(f"step {step + 1:5d}  validation: captions {captions:.1%}  answers {answers:.1%}  ({kinds})",
+                  flush=True)
             model.save_pretrained(args.out)  # a long run that is stopped early still leaves a model
             write_log(args, argv, time.time() - start, log)
     print(f"trained in {(time.time() - start) / 60:.1f} min; wrote {args.out}")
@@ -195,7 +226,7 @@ def main(argv=None):
 
 def write_log(args, argv, seconds: float, log: list[dict]) -> None:
     record = dict(command=" ".join(["python", "scripts/train_shapes.py"] + (argv or sys.argv[1:])),
-                  seconds=round(seconds), machine=f"{cpu_name()}, {args.threads} thread(s)",
+                  seconds=round(seconds), machine=machine_name(args),
                   torch=torch.__version__, log=log)
     if args.init and (args.init / "training_log.json").is_file():  # the whole history, first run first
         record = dict(continues=json.loads((args.init / "training_log.json").read_text()), **record)
