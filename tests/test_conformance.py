@@ -113,7 +113,7 @@ def test_real_processor_files_drive_the_same_caption(real_layout):
     folder, _ = real_layout
     ours = miniblip2.load(folder)
     theirs = Blip2ForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
-    processor = Blip2Processor.from_pretrained(folder)
+    processor = Blip2Processor.from_pretrained(folder, backend="pil")  # PIL resizing, as miniblip2 (not torchvision)
     image, question = EXAMPLE, "Question: what is in the picture? Answer:"
     inputs = processor(images=Image.open(image), text=question, return_tensors="pt")
     with torch.no_grad():

@@ -32,7 +32,7 @@ def images(n: int) -> list[PIL.Image.Image]:
 
 @pytest.fixture(scope="module")
 def hf():
-    return Blip2Processor.from_pretrained(REFERENCE)
+    return Blip2Processor.from_pretrained(REFERENCE, backend="pil")  # PIL resizing, as miniblip2
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def tiny_folder(tmp_path_factory):
 
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_tiny_folder_matches_blip2_processor(tiny_folder, side):
-    hf = Blip2Processor.from_pretrained(tiny_folder)
+    hf = Blip2Processor.from_pretrained(tiny_folder, backend="pil")
     ours = load_processor(tiny_folder)
     assert (ours.num_query_tokens, ours.image_token_id, ours.tokenizer.vocab_size) == (4, 499, 500)
     prompts = ["a woman sitting on the beach", "Question: what is this? Answer:", "\n"]
