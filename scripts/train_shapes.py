@@ -34,8 +34,8 @@ from miniblip2.tiny_tokenizer import build_tiny_processor_files, build_tiny_toke
 
 NUM_QUERY_TOKENS = 8
 PATCH_SIZE = 16  # shapes' 32 px cells are 2 x 2 patches
-CAPTION_SHARE = 0.4  # the rest of the texts are question/answer pairs
-QUESTIONS_PER_TEXT = 4  # asked in one text, so one pass through the vision tower teaches 4 answers
+CAPTION_SHARE = 0.4  # of the training texts; the rest are question/answer pairs (--caption-share)
+QUESTIONS_PER_TEXT = 4  # asked in one text, so one pass through the vision tower teaches several answers
 IGNORE = -100  # label of a position that is not scored
 
 
@@ -82,28 +82,28 @@ def write_tokenizer_and_processor(out: Path) -> tuple[int, int]:
     return vocab_size, newline
 
 
-def training_text(seed: int) -> list[tuple[str, bool]]:
+def training_text(seed: int, caption_share: float, questions: int) -> list[tuple[str, bool]]:
     """One scene's text as (piece, scored) pieces: its caption with no prompt (as BLIP-2
     captions), or some of its questions, one per line ("Question: ... Answer: red\\n
     Question: ..."), with the answers and each line's "\\n" scored. "\\n" ends generation, so a
     single question at inference is answered exactly as the first line of this text."""
     _, caption, qa_pairs = shapes.sample(seed)
     pick = random.Random(-1 - seed)  # a stream of its own, so the scene stays shapes.sample(seed)
-    if pick.random() < CAPTION_SHARE:
+    if pick.random() < caption_share:
         return [(caption + "\n", True)]
     pieces = []
-    for question, answer in pick.sample(qa_pairs, min(QUESTIONS_PER_TEXT, len(qa_pairs))):
+    for question, answer in pick.sample(qa_pairs, min(questions, len(qa_pairs))):
         pieces += [(question, False), (f" {answer}\n", True)]
     return pieces
 
 
-def batch(seeds, processor) -> dict[str, torch.Tensor]:
+def batch(seeds, processor, caption_share=CAPTION_SHARE, questions=QUESTIONS_PER_TEXT) -> dict[str, torch.Tensor]:
     """Pixel values, and right-padded ids with labels on the answers and their "\\n" only."""
     tokenizer, rows, labels = processor.tokenizer, [], []
     image_ids = [processor.image_token_id] * processor.num_query_tokens
     for seed in seeds:
         text, ids, label = "", tokenizer.encode(""), [IGNORE] * (len(image_ids) + 1)  # <image> x Q, </s>
-        for piece, scored in training_text(seed):
+        for piece, scored in training_text(seed, caption_share, questions):
             text += piece
             longer = tokenizer.encode(text)
             assert longer[:len(ids)] == ids, text  # pieces start at a word: earlier ids do not change
@@ -122,15 +122,17 @@ class StepBatches(torch.utils.data.Dataset):
     """Batch number `step` is the scenes [step * size, (step + 1) * size): drawn by DataLoader
     workers while the model trains, the same batches whatever the number of workers."""
 
-    def __init__(self, steps: range, size: int, processor):
+    def __init__(self, steps: range, size: int, processor, caption_share: float, questions: int):
         self.steps, self.size, self.processor = steps, size, processor
+        self.caption_share, self.questions = caption_share, questions
 
     def __len__(self):
         return len(self.steps)
 
     def __getitem__(self, i):
         step = self.steps[i]
-        return batch(range(step * self.size, (step + 1) * self.size), self.processor)
+        return batch(range(step * self.size, (step + 1) * self.size), self.processor, self.caption_share,
+                     self.questions)
 
 
 def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
@@ -171,6 +173,8 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--caption-share", type=float, default=CAPTION_SHARE)
+    parser.add_argument("--questions-per-text", type=int, default=QUESTIONS_PER_TEXT)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--workers", type=int, default=0, help="processes that draw the scenes (0: the training one)")
     parser.add_argument("--eval-every", type=int, default=500)
@@ -199,7 +203,8 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     validation = range(shapes.HELD_OUT_SEEDS.stop, shapes.HELD_OUT_SEEDS.stop + 30)  # not the test seeds
     log, start, running = [], time.time(), None
-    batches = torch.utils.data.DataLoader(StepBatches(steps, args.batch_size, processor), batch_size=None,
+    batches = torch.utils.data.DataLoader(StepBatches(steps, args.batch_size, processor, args.caption_share,
+                                                      args.questions_per_text), batch_size=None,
                                           num_workers=args.workers, pin_memory=args.device != "cpu")
     for step, inputs in zip(steps, batches):
         for group in optimizer.param_groups:
