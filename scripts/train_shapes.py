@@ -1,7 +1,11 @@
 """Train the small BLIP-2 shipped in weights/shapes-tiny on the shapes world (miniblip2.shapes).
 
-    pip install -e '.[test]'   # torch 2.13.0 CPU and transformers 5.23.0: for training only
-    python scripts/train_shapes.py weights/shapes-tiny
+    pip install -e '.[test]'   # torch and transformers 5.23.0: for training only
+    python scripts/train_shapes.py weights/shapes-tiny --batch-size 128 --workers 14   # on a GPU
+    python scripts/train_shapes.py more --init weights/shapes-tiny --first-step 21000 ...  # go on
+
+README.md ("The shapes world") gives the three runs that made the shipped weights, and
+training_log.json beside them every command, machine and validation score.
 
 The model is transformers' own Blip2ForConditionalGeneration (an EVA-style ViT, a Q-Former with
 cross-attention every other layer, an OPT decoder), small, trained from scratch with PyTorch,
@@ -10,8 +14,8 @@ same code as Salesforce/blip2-opt-2.7b. Inference never needs torch.
 
 Every step draws fresh scenes: step s uses seeds [s * batch, (s + 1) * batch), far below
 shapes.HELD_OUT_SEEDS, on which the model is evaluated. Each scene gives one training text:
-its caption (no prompt, as BLIP-2 captions) or one of its questions with the answer. The loss
-is on the answers and the closing "\\n" only, which is where generation stops (as in OPT).
+its caption (no prompt, as BLIP-2 captions) or a few of its questions with their answers. The
+loss is on the answers and the closing "\\n" only, which is where generation stops (as in OPT).
 """
 
 import argparse
