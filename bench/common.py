@@ -50,6 +50,10 @@ class StageClock:
                 self.stop(name)
         return timed
 
+    def hook(self, name, module):  # a torch module's forward, timed as `name`
+        module.register_forward_pre_hook(lambda *_: self.start(name))
+        module.register_forward_hook(lambda *_: self.stop(name))
+
 
 def write_section(path, heading, body):
     """Replace the `## {heading}` section (up to the next "## " heading) with `body`, or append it."""

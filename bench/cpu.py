@@ -183,8 +183,7 @@ def run_transformers(folder, reps, tokens, threads):
     stages = StageClock()
     for name, module in (("vision", model.vision_model), ("qformer", model.qformer),
                          ("project", model.language_projection)):
-        module.register_forward_pre_hook(lambda *_, name=name: stages.start(name))
-        module.register_forward_hook(lambda *_, name=name: stages.stop(name))
+        stages.hook(name, module)
 
     def generate(streamer):
         with torch.inference_mode():

@@ -117,8 +117,7 @@ def run_transformers(folder, reps, tokens):
     clock = Clock(torch.cuda.synchronize)
     for name, module in (("vision", model.vision_model), ("qformer", model.qformer),
                          ("qformer", model.language_projection)):
-        module.register_forward_pre_hook(lambda *_, name=name: clock.start(name))
-        module.register_forward_hook(lambda *_, name=name: clock.stop(name))
+        clock.hook(name, module)
 
     def generate(streamer):
         with torch.inference_mode():

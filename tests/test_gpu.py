@@ -16,14 +16,14 @@
 import numpy as np
 import pytest
 import torch
-from transformers import Blip2ForConditionalGeneration
 
 import miniblip2
 from conftest import CONFIGS
 from miniblip2.device import array_module, to_numpy
 from miniblip2.errors import DeviceError
-from test_parity import NEW_TOKENS, image_batch, prompts, rel_error
-from test_precision import TOL, as_numpy
+from test_parity import NEW_TOKENS, batch_of_three, image_batch, prompts, rel_error
+from test_precision import TOL, TORCH, as_numpy
+from test_precision import reference as cpu_reference
 
 
 def gpu_missing():
@@ -39,7 +39,6 @@ def gpu_missing():
 
 REASON = gpu_missing()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(REASON is not None, reason=f"no GPU: {REASON}")]
-TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 FP32_TOL = 1e-4
 # Random weights, real widths (2560-wide fp16 sums), 4 layers per tower. Measured on the CPU with
 # 2 layers (NumPy fp16 vs torch CPU fp16): 1.3e-3, where torch's own fp16 is 8.7e-4 from its fp32;
@@ -49,8 +48,7 @@ REAL_SHAPES_LAYERS = 4
 
 
 def reference(folder, dtype):
-    model = Blip2ForConditionalGeneration.from_pretrained(folder, dtype=TORCH[dtype], attn_implementation="eager")
-    return model.eval().to("cuda")
+    return cpu_reference(folder, dtype).to("cuda")
 
 
 def cuda(array, dtype):
@@ -106,8 +104,7 @@ def test_every_stage_matches_torch_cuda(checkpoint, name, dtype):
 def test_float32_greedy_and_beam_ids_identical(checkpoint, name):
     folder = checkpoint(name)
     ours, theirs = miniblip2.load(folder, device="cuda"), reference(folder, "float32")
-    pixels = image_batch(ours.config, 3, seed=3)
-    ids, mask = prompts(ours.config, [1, 4, 9], seed=4)
+    pixels, ids, mask = batch_of_three(ours.config)
     for kwargs in [dict(do_sample=False), dict(num_beams=3, length_penalty=0.5),
                    dict(num_beams=4, num_return_sequences=2, no_repeat_ngram_size=2, repetition_penalty=1.2)]:
         expected = torch_generate(theirs, "float32", pixels, ids, mask, max_new_tokens=NEW_TOKENS, **kwargs)
@@ -118,8 +115,7 @@ def test_float32_greedy_and_beam_ids_identical(checkpoint, name):
 def test_float16_greedy_ids_identical(checkpoint, name):
     folder = checkpoint(name)
     ours, theirs = miniblip2.load(folder, dtype="float16", device="cuda"), reference(folder, "float16")
-    pixels = image_batch(ours.config, 3, seed=3)
-    ids, mask = prompts(ours.config, [1, 4, 9], seed=4)
+    pixels, ids, mask = batch_of_three(ours.config)
     expected = torch_generate(theirs, "float16", pixels, ids, mask, max_new_tokens=NEW_TOKENS, do_sample=False)
     np.testing.assert_array_equal(ours.generate(pixels, ids, mask, max_new_tokens=NEW_TOKENS), expected)
 
@@ -128,8 +124,7 @@ def test_float16_greedy_ids_identical(checkpoint, name):
 def test_bfloat16_greedy_ids_identical_up_to_ties(checkpoint, name):
     folder = checkpoint(name)
     ours, theirs = miniblip2.load(folder, dtype="bfloat16", device="cuda"), reference(folder, "bfloat16")
-    pixels = image_batch(ours.config, 3, seed=3)
-    ids, mask = prompts(ours.config, [1, 4, 9], seed=4)
+    pixels, ids, mask = batch_of_three(ours.config)
     expected = torch_generate(theirs, "bfloat16", pixels, ids, mask, max_new_tokens=NEW_TOKENS, do_sample=False)
     got = ours.generate(pixels, ids, mask, max_new_tokens=NEW_TOKENS)
     assert got.shape == expected.shape

@@ -32,6 +32,11 @@ def reference(folder):
     return model.eval()
 
 
+def batch_of_three(config):
+    """Three images and three prompt lengths (so left padding): the batch generation is checked on."""
+    return image_batch(config, 3, seed=3), *prompts(config, [1, 4, 9], seed=4)
+
+
 def image_batch(config, batch, seed, scale=1):
     size = config.vision.image_size * scale
     rng = np.random.default_rng(seed)
@@ -81,8 +86,7 @@ def test_every_stage_matches(checkpoint, name, layout, dtype):
 def test_greedy_ids_identical_batch_of_three(checkpoint, name):
     folder = checkpoint(name)
     ours, theirs = miniblip2.load(folder), reference(folder)
-    pixels = image_batch(ours.config, 3, seed=3)
-    ids, mask = prompts(ours.config, [1, 4, 9], seed=4)  # three prompt lengths: left padding
+    pixels, ids, mask = batch_of_three(ours.config)
     with torch.no_grad():
         expected = theirs.generate(pixel_values=torch.from_numpy(pixels), input_ids=torch.from_numpy(ids),
                                    attention_mask=torch.from_numpy(mask), max_new_tokens=NEW_TOKENS, do_sample=False)

@@ -31,11 +31,11 @@ from miniblip2.precision import cast_weights, matmul, round_bf16, widen
 from miniblip2.weights import float32_to_bf16
 from miniblip2.device import to_numpy
 from miniblip2.errors import CheckpointError
-from test_parity import NEW_TOKENS, image_batch, prompts, rel_error
+from test_parity import NEW_TOKENS, batch_of_three, image_batch, prompts, rel_error
 
 TOL = {"float16": 5e-3, "bfloat16": 4e-2}
 TOL_QFORMER_FP32 = 1e-4  # in float16 the Q-Former is float32: the parity bar
-TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def reference(folder, dtype):
@@ -77,8 +77,7 @@ def test_every_stage_matches_in_half(checkpoint, name, dtype):
 def test_greedy_ids_identical_in_float16(checkpoint, name):
     folder = checkpoint(name)
     ours, theirs = miniblip2.load(folder, dtype="float16"), reference(folder, "float16")
-    pixels = image_batch(ours.config, 3, seed=3)
-    ids, mask = prompts(ours.config, [1, 4, 9], seed=4)
+    pixels, ids, mask = batch_of_three(ours.config)
     with torch.no_grad():
         expected = theirs.generate(pixel_values=torch.from_numpy(pixels).half(), input_ids=torch.from_numpy(ids),
                                    attention_mask=torch.from_numpy(mask), max_new_tokens=NEW_TOKENS, do_sample=False)
@@ -95,8 +94,7 @@ def test_greedy_ids_identical_in_float16(checkpoint, name):
 def test_greedy_ids_identical_in_bfloat16_up_to_ties(checkpoint, name):
     folder = checkpoint(name)
     ours, theirs = miniblip2.load(folder, dtype="bfloat16"), reference(folder, "bfloat16")
-    pixels = image_batch(ours.config, 3, seed=3)
-    ids, mask = prompts(ours.config, [1, 4, 9], seed=4)
+    pixels, ids, mask = batch_of_three(ours.config)
     pixel_values = torch.from_numpy(pixels).bfloat16()
     with torch.no_grad():
         expected = theirs.generate(pixel_values=pixel_values, input_ids=torch.from_numpy(ids),
