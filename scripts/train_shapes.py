@@ -40,6 +40,7 @@ NUM_QUERY_TOKENS = 8
 PATCH_SIZE = 16  # shapes' 32 px cells are 2 x 2 patches
 CAPTION_SHARE = 0.4  # of the training texts; the rest are question/answer pairs (--caption-share)
 QUESTIONS_PER_TEXT = 4  # asked in one text, so one pass through the vision tower teaches several answers
+QUESTION_KINDS = ("what color", "what size", "where is", "how many", "is there")
 IGNORE = -100  # label of a position that is not scored
 
 
@@ -86,28 +87,38 @@ def write_tokenizer_and_processor(out: Path) -> tuple[int, int]:
     return vocab_size, newline
 
 
-def training_text(seed: int, caption_share: float, questions: int) -> list[tuple[str, bool]]:
+def training_text(seed: int, caption_share: float, questions: int, focus=(), focus_share=0.0) -> list[tuple[str, bool]]:
     """One scene's text as (piece, scored) pieces: its caption with no prompt (as BLIP-2
     captions), or some of its questions, one per line ("Question: ... Answer: red\\n
     Question: ..."), with the answers and each line's "\\n" scored. "\\n" ends generation, so a
-    single question at inference is answered exactly as the first line of this text."""
+    single question at inference is answered exactly as the first line of this text.
+    A `focus_share` of the question texts ask only the kinds in `focus` ("what color", ...)."""
     _, caption, qa_pairs = shapes.sample(seed)
     pick = random.Random(-1 - seed)  # a stream of its own, so the scene stays shapes.sample(seed)
     if pick.random() < caption_share:
         return [(caption + "\n", True)]
+    if pick.random() < focus_share:
+        qa_pairs = [(q, a) for q, a in qa_pairs if question_kind(q) in focus]
     pieces = []
     for question, answer in pick.sample(qa_pairs, min(questions, len(qa_pairs))):
         pieces += [(question, False), (f" {answer}\n", True)]
     return pieces
 
 
-def batch(seeds, processor, caption_share=CAPTION_SHARE, questions=QUESTIONS_PER_TEXT) -> dict[str, torch.Tensor]:
+def question_kind(question: str) -> str:
+    """ "Question: what color is the circle? Answer:" -> "what color"; or "what size", "where is",
+    "how many", "is there"."""
+    return " ".join(question.split()[1:3])
+
+
+def batch(seeds, processor, caption_share=CAPTION_SHARE, questions=QUESTIONS_PER_TEXT, focus=(),
+          focus_share=0.0) -> dict[str, torch.Tensor]:
     """Pixel values, and right-padded ids with labels on the answers and their "\\n" only."""
     tokenizer, rows, labels = processor.tokenizer, [], []
     image_ids = [processor.image_token_id] * processor.num_query_tokens
     for seed in seeds:
         text, ids, label = "", tokenizer.encode(""), [IGNORE] * (len(image_ids) + 1)  # <image> x Q, </s>
-        for piece, scored in training_text(seed, caption_share, questions):
+        for piece, scored in training_text(seed, caption_share, questions, focus, focus_share):
             text += piece
             longer = tokenizer.encode(text)
             assert longer[:len(ids)] == ids, text  # pieces start at a word: earlier ids do not change
@@ -126,17 +137,33 @@ class StepBatches(torch.utils.data.Dataset):
     """Batch number `step` is the scenes [step * size, (step + 1) * size): drawn by DataLoader
     workers while the model trains, the same batches whatever the number of workers."""
 
-    def __init__(self, steps: range, size: int, processor, caption_share: float, questions: int):
-        self.steps, self.size, self.processor = steps, size, processor
-        self.caption_share, self.questions = caption_share, questions
+    def __init__(self, steps: range, size: int, processor, **mix):
+        self.steps, self.size, self.processor, self.mix = steps, size, processor, mix
 
     def __len__(self):
         return len(self.steps)
 
     def __getitem__(self, i):
         step = self.steps[i]
-        return batch(range(step * self.size, (step + 1) * self.size), self.processor, self.caption_share,
-                     self.questions)
+        return batch(range(step * self.size, (step + 1) * self.size), self.processor, **self.mix)
+
+
+@torch.no_grad()
+def grow_decoder(model, layers: int):
+    """The same model with `layers` more OPT decoder layers on top. Each new layer's attention
+    output and second feed-forward matrix start at zero, so it adds nothing to the residual
+    stream: the grown model answers exactly as the old one until training moves them."""
+    config = model.config
+    config.text_config.num_hidden_layers += layers
+    grown = Blip2ForConditionalGeneration(config)
+    initialize(grown)
+    missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and all(".decoder.layers." in key for key in missing), (missing, unexpected)
+    for layer in grown.language_model.model.decoder.layers[-layers:]:
+        for output in (layer.self_attn.out_proj, layer.fc2):
+            output.weight.zero_()
+            output.bias.zero_()
+    return grown.train()
 
 
 def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
@@ -155,7 +182,7 @@ def accuracy(model, processor, seeds) -> tuple[float, float, dict[str, float]]:
     right = {}
     for seed, answers in zip(scores.seeds, scores.answers):
         for (question, truth), answer in zip(shapes.sample(seed)[2], answers):
-            right.setdefault(" ".join(question.split()[1:3]), []).append(answer == truth)
+            right.setdefault(question_kind(question), []).append(answer == truth)
     return scores.caption_accuracy, scores.vqa_accuracy, {kind: sum(r) / len(r) for kind, r in right.items()}
 
 
@@ -179,6 +206,11 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--caption-share", type=float, default=CAPTION_SHARE)
     parser.add_argument("--questions-per-text", type=int, default=QUESTIONS_PER_TEXT)
+    parser.add_argument("--focus", nargs="+", default=[], choices=QUESTION_KINDS,
+                        help="kinds of question that --focus-share of the question texts ask only")
+    parser.add_argument("--focus-share", type=float, default=0.0)
+    parser.add_argument("--grow-decoder", type=int, default=0, metavar="N",
+                        help="with --init: add N decoder layers on top, each starting as the identity")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--workers", type=int, default=0, help="processes that draw the scenes (0: the training one)")
     parser.add_argument("--eval-every", type=int, default=500)
@@ -197,6 +229,8 @@ def main(argv=None):
     if args.init:
         model = Blip2ForConditionalGeneration.from_pretrained(args.init, dtype=torch.float32).train()
         assert model.config.text_config.vocab_size == vocab_size, "the tokenizer must be the same"
+        if args.grow_decoder:
+            model = grow_decoder(model, args.grow_decoder)
     else:
         model = Blip2ForConditionalGeneration(model_config(vocab_size, newline)).train()
         initialize(model)
@@ -207,8 +241,9 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     validation = range(shapes.HELD_OUT_SEEDS.stop, shapes.HELD_OUT_SEEDS.stop + 30)  # not the test seeds
     log, start, running = [], time.time(), None
-    batches = torch.utils.data.DataLoader(StepBatches(steps, args.batch_size, processor, args.caption_share,
-                                                      args.questions_per_text), batch_size=None,
+    mix = dict(caption_share=args.caption_share, questions=args.questions_per_text, focus=args.focus,
+               focus_share=args.focus_share)
+    batches = torch.utils.data.DataLoader(StepBatches(steps, args.batch_size, processor, **mix), batch_size=None,
                                           num_workers=args.workers, pin_memory=args.device != "cpu")
     for step, inputs in zip(steps, batches):
         for group in optimizer.param_groups:
