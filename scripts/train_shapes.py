@@ -23,6 +23,7 @@ import json
 import math
 import platform
 import random
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -42,6 +43,7 @@ CAPTION_SHARE = 0.4  # of the training texts; the rest are question/answer pairs
 QUESTIONS_PER_TEXT = 4  # asked in one text, so one pass through the vision tower teaches several answers
 QUESTION_KINDS = ("what color", "what size", "where is", "how many", "is there")
 IGNORE = -100  # label of a position that is not scored
+COLORS, SIZES = list(shapes.COLORS), list(shapes.SIZES)
 
 
 def model_config(vocab_size: int, eos_token_id: int) -> Blip2Config:
@@ -130,7 +132,36 @@ def batch(seeds, processor, caption_share=CAPTION_SHARE, questions=QUESTIONS_PER
     label_ids, _ = pad(labels, IGNORE, "right")
     pixel_values = processor(images=[shapes.sample(s)[0] for s in seeds])["pixel_values"]
     arrays = dict(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, labels=label_ids)
-    return {name: torch.from_numpy(array) for name, array in arrays.items()}
+    return {name: torch.from_numpy(array) for name, array in arrays.items()} | {"attributes": attributes(seeds)}
+
+
+def attributes(seeds) -> torch.Tensor:  # [B, 2 * shapes]: each shape's colour, then each shape's size
+    """What the auxiliary probe (--probe-loss) reads from the query outputs: for every shape, the
+    colour and the size of the object of that shape, or "absent" (the last class of each)."""
+    rows = []
+    for seed in seeds:
+        by_shape = {o.shape: o for o in shapes.draw_objects(random.Random(seed))}  # as shapes.sample draws
+        rows.append([COLORS.index(by_shape[s].color) if s in by_shape else len(COLORS) for s in shapes.SHAPES] +
+                    [SIZES.index(by_shape[s].size) if s in by_shape else len(SIZES) for s in shapes.SHAPES])
+    return torch.tensor(rows)
+
+
+class AttributeProbe(torch.nn.Module):
+    """A linear readout from all the query outputs to every shape's colour and size: as a second
+    loss in training, it asks the Q-Former to keep each colour and size bound to its shape, which
+    the questions need and the captions (which go object by object) do not. Not saved."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.colors = torch.nn.Linear(NUM_QUERY_TOKENS * width, len(shapes.SHAPES) * (len(COLORS) + 1))
+        self.sizes = torch.nn.Linear(NUM_QUERY_TOKENS * width, len(shapes.SHAPES) * (len(SIZES) + 1))
+
+    def loss(self, query_output, attributes):  # [B, Q, D], [B, 2 * shapes] -> cross-entropy
+        features, count = query_output.flatten(1), len(shapes.SHAPES)
+        colors = self.colors(features).view(len(features), count, -1)
+        sizes = self.sizes(features).view(len(features), count, -1)
+        return (torch.nn.functional.cross_entropy(colors.transpose(1, 2), attributes[:, :count]) +
+                torch.nn.functional.cross_entropy(sizes.transpose(1, 2), attributes[:, count:])) / 2
 
 
 class StepBatches(torch.utils.data.Dataset):
@@ -211,6 +242,8 @@ def main(argv=None):
     parser.add_argument("--focus-share", type=float, default=0.0)
     parser.add_argument("--grow-decoder", type=int, default=0, metavar="N",
                         help="with --init: add N decoder layers on top, each starting as the identity")
+    parser.add_argument("--probe-loss", type=float, default=0.0, metavar="WEIGHT",
+                        help="add this times the loss of a linear probe for each shape's colour and size")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--workers", type=int, default=0, help="processes that draw the scenes (0: the training one)")
     parser.add_argument("--eval-every", type=int, default=500)
@@ -238,7 +271,9 @@ def main(argv=None):
     model.to(args.device)
     print(f"{sum(p.numel() for p in model.parameters()):,} parameters, vocabulary {vocab_size}", flush=True)
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    probe = AttributeProbe(model.config.qformer_config.hidden_size).to(args.device)
+    trained = list(model.parameters()) + (list(probe.parameters()) if args.probe_loss else [])
+    optimizer = torch.optim.AdamW(trained, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     validation = range(shapes.HELD_OUT_SEEDS.stop, shapes.HELD_OUT_SEEDS.stop + 30)  # not the test seeds
     log, start, running = [], time.time(), None
     mix = dict(caption_share=args.caption_share, questions=args.questions_per_text, focus=args.focus,
@@ -248,10 +283,15 @@ def main(argv=None):
     for step, inputs in zip(steps, batches):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step - steps.start, args.steps, args.lr, args.warmup)
-        loss = model(**{name: t.to(args.device, non_blocking=True) for name, t in inputs.items()}).loss
+        inputs = {name: t.to(args.device, non_blocking=True) for name, t in inputs.items()}
+        attributes_of_scenes = inputs.pop("attributes")
+        outputs = model(**inputs)
+        loss = outputs.loss
+        if args.probe_loss:
+            loss = loss + args.probe_loss * probe.loss(outputs.qformer_outputs.last_hidden_state, attributes_of_scenes)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if (step + 1) % 100 == 0:
@@ -269,7 +309,7 @@ def main(argv=None):
 
 
 def write_log(args, argv, seconds: float, log: list[dict]) -> None:
-    record = dict(command=" ".join(["python", "scripts/train_shapes.py"] + (argv or sys.argv[1:])),
+    record = dict(command=shlex.join(["python", "scripts/train_shapes.py"] + (argv or sys.argv[1:])),
                   seconds=round(seconds), machine=machine_name(args),
                   torch=torch.__version__, log=log)
     if args.init and (args.init / "training_log.json").is_file():  # the whole history, first run first
