@@ -67,6 +67,11 @@ def sample(seed: int) -> tuple[Image.Image, str, list[tuple[str, str]]]:
     return render(objects, rng), caption(objects), qa_pairs
 
 
+def objects(seed: int) -> list[Shape]:
+    """The objects of scene `seed`, as `sample(seed)` draws them (they are its first draws)."""
+    return draw_objects(random.Random(seed))
+
+
 def draw_objects(rng: random.Random) -> list[Shape]:
     """One to three objects with different shapes in different cells, in reading order."""
     count = rng.randint(1, 3)

@@ -13,7 +13,6 @@ Scenes with one object are left out: there, "the colour of the circle" is the sc
 """
 
 import argparse
-import random
 import sys
 from pathlib import Path
 
@@ -54,8 +53,8 @@ def main(argv=None):
     parser.add_argument("--scenes", type=int, default=9000, help="drawn; those with 2 or 3 objects are probed")
     args = parser.parse_args(argv)
     model = miniblip2.load(args.weights, progress=False)
-    seeds = [s for s in range(FIRST_SEED, FIRST_SEED + args.scenes) if len(shapes.draw_objects(random.Random(s))) > 1]
-    objects = [shapes.draw_objects(random.Random(seed)) for seed in seeds]  # as shapes.sample draws them
+    seeds = [s for s in range(FIRST_SEED, FIRST_SEED + args.scenes) if len(shapes.objects(s)) > 1]
+    objects = [shapes.objects(seed) for seed in seeds]
     features = image_features(model, seeds)
     print(f"{len(seeds)} scenes with 2 or 3 objects; features {features.shape[1]} wide; held-out accuracy:")
 

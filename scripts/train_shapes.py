@@ -140,7 +140,7 @@ def attributes(seeds) -> torch.Tensor:  # [B, 2 * shapes]: each shape's colour, 
     colour and the size of the object of that shape, or "absent" (the last class of each)."""
     rows = []
     for seed in seeds:
-        by_shape = {o.shape: o for o in shapes.draw_objects(random.Random(seed))}  # as shapes.sample draws
+        by_shape = {o.shape: o for o in shapes.objects(seed)}
         rows.append([COLORS.index(by_shape[s].color) if s in by_shape else len(COLORS) for s in shapes.SHAPES] +
                     [SIZES.index(by_shape[s].size) if s in by_shape else len(SIZES) for s in shapes.SHAPES])
     return torch.tensor(rows)

@@ -6,7 +6,6 @@ held-out scenes (50 here; the README gives the 500-scene figures from scripts/ev
 
 import json
 import os
-import random
 import sys
 from pathlib import Path
 
@@ -35,10 +34,14 @@ def test_a_seed_is_a_scene():
     assert first[0].size == (shapes.IMAGE_SIZE, shapes.IMAGE_SIZE) and first[0].mode == "RGB"
 
 
+def test_objects_are_those_of_the_scene_sample_draws():
+    assert all(shapes.caption(shapes.objects(seed)) == shapes.sample(seed)[1] for seed in range(100))
+
+
 def test_captions_follow_the_grammar():
     seen = set()
     for seed in range(300):
-        objects = shapes.draw_objects(random.Random(seed))
+        objects = shapes.objects(seed)
         text = shapes.caption(objects)
         assert all(o.words in text for o in objects)
         assert [text.index(o.words) for o in objects] == sorted(text.index(o.words) for o in objects)
@@ -69,8 +72,7 @@ def test_each_object_is_drawn_in_its_cell_in_its_colour():
     (within the colour jitter plus the anti-aliasing margin), and the smallest object covers
     at least 8x8 px, so a count well above 20 pixels cannot come from the background."""
     for seed in range(60):
-        rng = random.Random(seed)
-        objects = shapes.draw_objects(rng)
+        objects = shapes.objects(seed)
         image = np.asarray(shapes.sample(seed)[0]).astype(int)
         cell = shapes.IMAGE_SIZE // shapes.GRID
         for o in objects:
