@@ -211,14 +211,18 @@ def best_seconds(function, repeats):
     return min(times)
 
 
-# The best single-precision matrix product (a large square sgemm, OpenBLAS through NumPy) and the
-# best read of a 2 GB array: NumPy sums on every thread, or BLAS matrix-vector products, whichever
-# is faster (decoding one token is exactly such a product over every weight).
+# The best single-precision matrix product: a large square sgemm, OpenBLAS through NumPy.
+def sgemm_gflops(repeats=5, n=4096):
+    a, b = np.ones((n, n), np.float32), np.ones((n, n), np.float32)
+    return 2 * n ** 3 / best_seconds(lambda: a @ b, repeats) / 1e9
+
+
+# The floors: sgemm_gflops, and the best read of a 2 GB array: NumPy sums on every thread, or BLAS
+# matrix-vector products, whichever is faster (decoding one token is exactly such a product over
+# every weight).
 def measure_machine(threads, repeats=5):
     from concurrent.futures import ThreadPoolExecutor
-    n = 4096
-    a, b = np.ones((n, n), np.float32), np.ones((n, n), np.float32)
-    sgemm = 2 * n ** 3 / best_seconds(lambda: a @ b, repeats) / 1e9
+    sgemm = sgemm_gflops(repeats)
     big = np.ones((2 << 30) // 4, np.float32)  # 2 GB, every page touched
     chunks = np.array_split(big, threads)
     with ThreadPoolExecutor(threads) as pool:

@@ -1,13 +1,13 @@
 """What the shapes model's image features hold: linear probes on the Q-Former's output.
 
-    python scripts/probe_shapes.py                 # 6,000 scenes with 2 or 3 objects, ~30 s
+    python scripts/probe_shapes.py                 # 5,902 scenes with 2 or 3 objects, ~20 s
     python scripts/probe_shapes.py --weights DIR
 
 The decoder sees an image only through the projected query outputs ([8, 128] for shapes-tiny).
 A ridge classifier on all of them (flattened, standardised) is trained on 80% of the scenes and
 scored on the rest, for one fact at a time: the colour, size or place of the object with a given
-shape ("the circle", as the questions name it), and the colour or shape of the first, second or
-third object in reading order (as the captions name them). A fact the probe reads well is in
+shape ("the circle", as the questions name it), and the colour, size, shape or place of the
+first, second or third object in reading order (as the captions name them). A fact the probe reads well is in
 the features in a form a linear readout can use; the model's answers can only be as good.
 Scenes with one object are left out: there, "the colour of the circle" is the scene's only colour.
 """
@@ -71,6 +71,7 @@ def main(argv=None):
         found = [(i, scene[k]) for i, scene in enumerate(objects) if len(scene) > k]
         for attribute in ("color", "size", "shape", "place"):
             report(attribute, f"the {nth} object", found)
+
 
 if __name__ == "__main__":
     main()
