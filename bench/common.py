@@ -18,7 +18,7 @@ BOS = 2
 
 def bench_inputs(config):
     """The same image (docs/example.png, preprocessed as BLIP-2 does) and prompt ids for both."""
-    from miniblip2.image import ImageConfig, preprocess
+    from miniblip2.checkpoint.image import ImageConfig, preprocess
     size = config.vision.image_size  # blip2-opt-2.7b's preprocessor_config.json says 224 x 224
     pixel_values = preprocess([IMAGE], ImageConfig(height=size, width=size))  # [1, 3, 224, 224]
     ids = [config.image_token_index] * config.num_query_tokens + [BOS] + PROMPT_IDS

@@ -3,7 +3,7 @@
     python bench/cpu.py                      # full size: 15 GB of random weights, written once
     python bench/cpu.py --layers 2 --reps 2  # a quick look: every tower cut to 2 layers
 
-Random weights at the real shapes (the real config.json, `miniblip2.random_checkpoint`'s
+Random weights at the real shapes (the real config.json, `miniblip2.testing.random_checkpoint`'s
 preset) are written once as fp32 safetensors shards in the hub layout and reused. Each
 implementation then runs in its own process (so that its peak RSS is its own) on the same image
 and prompt with the same thread count, captions it with 20 new tokens forced (greedy,
@@ -39,11 +39,12 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from miniblip2.config import config_from_dict  # noqa: E402
-from miniblip2.model import TIED_WEIGHTS, expected_shapes  # noqa: E402
-from miniblip2.random_checkpoint import preset_config, write_random_checkpoint  # noqa: E402
-from miniblip2.weights import CheckpointError, check_weights, load_checkpoint  # noqa: E402
 from common import PROMPT_IDS, StageClock, bench_inputs, write_section  # noqa: E402  (bench/common.py)
+
+from miniblip2.blip2 import TIED_WEIGHTS, expected_shapes  # noqa: E402
+from miniblip2.checkpoint.config import config_from_dict  # noqa: E402
+from miniblip2.checkpoint.safetensors import CheckpointError, check_weights, load_checkpoint  # noqa: E402
+from miniblip2.testing.random_checkpoint import preset_config, write_random_checkpoint  # noqa: E402
 
 DEFAULT_WEIGHTS = REPO / "weights" / "blip2-opt-2.7b-random"  # git-ignored, 15 GB
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")

@@ -3,7 +3,7 @@
     python bench/gpu.py                       # full size: 7.7 GB of random fp16 weights, written once
     python bench/gpu.py --layers 2 --reps 2   # a quick look: every tower cut to 2 layers
 
-Random weights at the real shapes (the real config.json, `miniblip2.random_checkpoint`'s preset)
+Random weights at the real shapes (the real config.json, `miniblip2.testing.random_checkpoint`'s preset)
 are written once as fp16 safetensors shards and reused. Each implementation runs in its own
 process on the same GPU (so its peak memory is its own) with the same image (docs/example.png,
 preprocessed as BLIP-2 does) and prompt, in float16, transformers with eager attention. Each
@@ -43,7 +43,7 @@ STAGES = ("load", "vision", "qformer", "prefill", "decode", "total", "peak_memor
 
 def ensure_weights(folder, layers):
     """The random fp16 checkpoint, written once (a few minutes at full size)."""
-    from miniblip2.random_checkpoint import write_random_checkpoint
+    from miniblip2.testing.random_checkpoint import write_random_checkpoint
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         print(f"writing random blip2-opt-2.7b weights (fp16) to {folder} ...", file=sys.stderr)
@@ -83,6 +83,7 @@ def measure(clock, generate, reps, load, peak_memory):
 
 def run_miniblip2(folder, reps, tokens):
     import cupy
+
     import miniblip2
     start = time.perf_counter()
     model = miniblip2.load(folder, dtype="float16", device="cuda", progress=False)
@@ -104,7 +105,8 @@ def run_miniblip2(folder, reps, tokens):
 def run_transformers(folder, reps, tokens):
     import torch
     import transformers
-    from miniblip2.config import read_config
+
+    from miniblip2.checkpoint.config import read_config
     transformers.logging.set_verbosity_error()
     start = time.perf_counter()
     model = transformers.Blip2ForConditionalGeneration.from_pretrained(
@@ -203,8 +205,8 @@ def main(argv=None):
         result = (run_miniblip2 if args.child == "miniblip2" else run_transformers)(args.folder, args.reps, args.tokens)
         print(json.dumps(result))
         return
-    from miniblip2.device import array_module
     from miniblip2.errors import DeviceError
+    from miniblip2.runtime.device import array_module
     try:
         array_module("cuda")
     except DeviceError as err:

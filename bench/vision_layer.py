@@ -27,12 +27,13 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from miniblip2 import nn, vision  # noqa: E402
-from miniblip2.config import config_from_dict  # noqa: E402
-from miniblip2.random_checkpoint import preset_config  # noqa: E402
-from miniblip2.weights import nest  # noqa: E402
 from common import write_section  # noqa: E402  (bench/common.py)
 from cpu import THREAD_VARIABLES, machine_description, sgemm_gflops  # noqa: E402  (bench/cpu.py)
+
+from miniblip2 import nn, vision  # noqa: E402
+from miniblip2.checkpoint.config import config_from_dict  # noqa: E402
+from miniblip2.checkpoint.safetensors import nest  # noqa: E402
+from miniblip2.testing.random_checkpoint import preset_config  # noqa: E402
 
 T, D, H, F = 257, 1408, 16, 6144  # tokens, width, heads, MLP width of blip2-opt-2.7b's vision tower
 K = D // H

@@ -6,12 +6,12 @@
 """
 
 from . import shapes
-from .chat import chat_prompt
+from .blip2 import Blip2, load
+from .checkpoint.processor import load_processor
 from .errors import CheckpointError, DeviceError, ImageError, MiniBlip2Error, PromptError
-from .model import Blip2, load
-from .processor import load_processor
-from .shipped import weights_folder
-from .streaming import TextStreamer
+from .generation.chat import chat_prompt
+from .generation.streaming import TextStreamer
+from .shapes.shipped import weights_folder
 
 __all__ = ["Blip2", "CheckpointError", "DeviceError", "ImageError", "MiniBlip2Error", "PromptError", "TextStreamer",
            "caption", "chat_prompt", "load", "load_processor", "shapes"]

@@ -13,11 +13,11 @@ import random
 import sys
 
 from . import shapes
-from .device import DEVICES
+from .blip2 import load
 from .errors import MiniBlip2Error
-from .model import load
-from .precision import DTYPES
-from .shipped import WEIGHTS_ENV, weights_folder
+from .runtime.device import DEVICES
+from .runtime.precision import DTYPES
+from .shapes.shipped import WEIGHTS_ENV, weights_folder
 
 
 def build_parser():

@@ -11,8 +11,8 @@ A weight `w` is the checkpoint's own dict for one module: `w["weight"]` in PyTor
 
 import math
 
-from .device import namespace, on_host
-from .precision import in_float32, like_weight, matmul, widen
+from .runtime.device import namespace, on_host
+from .runtime.precision import in_float32, like_weight, matmul, widen
 
 
 # torch.nn.Linear: y = x W^T + b, with W stored [out, in] exactly as in the file. `W.T` is a

@@ -15,8 +15,8 @@ D width (2560), H heads (32), K head width (80), F FFN width (10240), V vocabula
 from dataclasses import dataclass
 
 from .nn import ACTIVATIONS, attention, layer_norm, linear, merge_heads, namespace, split_heads
-from .precision import widen
-from .trace import PROBS, record
+from .runtime.precision import widen
+from .runtime.trace import PROBS, record
 
 POSITION_OFFSET = 2  # OPT's position table starts with 2 unused rows (a fairseq padding_idx relic)
 

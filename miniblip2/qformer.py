@@ -10,7 +10,7 @@ H heads (12), F feed-forward width (3072). `w` is `weights["qformer"]`.
 """
 
 from .nn import ACTIVATIONS, attention, layer_norm, linear, merge_heads, namespace, split_heads
-from .trace import PROBS, record
+from .runtime.trace import PROBS, record
 
 
 # Blip2QFormerMultiHeadAttention: queries from `x`, keys and values from `context`

@@ -14,8 +14,8 @@ import numpy as np
 
 from .errors import ImageError
 from .nn import ACTIVATIONS, attention, layer_norm, linear, merge_heads, namespace
-from .precision import widen
-from .trace import PROBS, record
+from .runtime.precision import widen
+from .runtime.trace import PROBS, record
 
 
 # nn.Conv2d(C, D, kernel_size=P, stride=P): a convolution whose stride equals its kernel is one

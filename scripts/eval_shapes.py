@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import miniblip2  # noqa: E402
 from miniblip2 import shapes  # noqa: E402
-from miniblip2.shipped import SHAPES_TINY  # noqa: E402
+from miniblip2.shapes.shipped import SHAPES_TINY  # noqa: E402
 
 
 class TransformersModel:

@@ -21,7 +21,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import miniblip2  # noqa: E402
 from miniblip2 import shapes  # noqa: E402
-from miniblip2.shipped import SHAPES_TINY  # noqa: E402
+from miniblip2.shapes.shipped import SHAPES_TINY  # noqa: E402
 
 FIRST_SEED = 5_000_000  # not a held-out seed; any scenes will do
 VALUES = {"color": list(shapes.COLORS), "size": list(shapes.SIZES), "shape": list(shapes.SHAPES),

@@ -32,10 +32,11 @@ import torch
 from transformers import Blip2Config, Blip2ForConditionalGeneration
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from miniblip2 import shapes  # noqa: E402
 from eval_shapes import TransformersModel  # noqa: E402  (scripts/eval_shapes.py)
-from miniblip2.processor import load_processor, pad  # noqa: E402
-from miniblip2.tiny_tokenizer import build_tiny_processor_files, build_tiny_tokenizer  # noqa: E402
+
+from miniblip2 import shapes  # noqa: E402
+from miniblip2.checkpoint.processor import load_processor, pad  # noqa: E402
+from miniblip2.testing.tiny_tokenizer import build_tiny_processor_files, build_tiny_tokenizer  # noqa: E402
 
 NUM_QUERY_TOKENS = 8
 PATCH_SIZE = 16  # shapes' 32 px cells are 2 x 2 patches

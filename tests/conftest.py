@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import VOCAB_SIZE, tiny_config, tiny_model
 
 import miniblip2
-from miniblip2 import cli, model
-
-from miniblip2.tiny_tokenizer import build_tiny_processor_files, build_tiny_tokenizer
-from tiny import VOCAB_SIZE, tiny_config, tiny_model
+from miniblip2 import blip2 as model
+from miniblip2 import cli
+from miniblip2.testing.tiny_tokenizer import build_tiny_processor_files, build_tiny_tokenizer
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 
@@ -77,7 +77,7 @@ def default_device():
     if TEST_DEVICE == "cpu":
         yield TEST_DEVICE
         return
-    from miniblip2.device import array_module
+    from miniblip2.runtime.device import array_module
     array_module(TEST_DEVICE)  # a missing CuPy or GPU stops the run here, with the reason
     load = model.load
 

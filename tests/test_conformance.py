@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REFERENCE
 from transformers import Blip2ForConditionalGeneration
 
 import miniblip2
-from conftest import REFERENCE
-from miniblip2.weights import save_safetensors
+from miniblip2.checkpoint.safetensors import save_safetensors
 
 REAL = REFERENCE / "blip2-opt-2.7b"
 EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "example.png"

@@ -8,12 +8,13 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import REFERENCE
+from tiny import IMAGE_TOKEN
 
 import miniblip2
-from conftest import REFERENCE
-from miniblip2 import CheckpointError, DeviceError, ImageError, PromptError, shipped
-from miniblip2.config import config_from_dict, read_config
-from tiny import IMAGE_TOKEN
+from miniblip2 import CheckpointError, DeviceError, ImageError, PromptError
+from miniblip2.checkpoint.config import config_from_dict, read_config
+from miniblip2.shapes import shipped
 
 
 @pytest.fixture(scope="module")

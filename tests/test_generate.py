@@ -14,14 +14,22 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from transformers import (MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor, NoRepeatNGramLogitsProcessor,
-                          RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
-
-import miniblip2
-from miniblip2 import PromptError, TextStreamer, chat_prompt, sampling
-from miniblip2.generation_config import GenerationConfig
 from test_parity import image_batch, prompts, reference
 from tiny import VOCAB_SIZE
+from transformers import (
+    MinLengthLogitsProcessor,
+    MinNewTokensLengthLogitsProcessor,
+    NoRepeatNGramLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+import miniblip2
+from miniblip2 import PromptError, TextStreamer, chat_prompt
+from miniblip2.generation import processors as sampling
+from miniblip2.generation.settings import GenerationConfig
 
 LENGTHS = [1, 4, 9, 2]  # prompt text lengths of the (up to) four inputs: left padding in every batch
 NEW_TOKENS = 12

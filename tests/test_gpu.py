@@ -16,14 +16,14 @@
 import numpy as np
 import pytest
 import torch
-
-import miniblip2
 from conftest import CONFIGS
-from miniblip2.device import array_module, to_numpy
-from miniblip2.errors import DeviceError
 from test_parity import NEW_TOKENS, batch_of_three, image_batch, prompts, rel_error
 from test_precision import TOL, TORCH, as_numpy
 from test_precision import reference as cpu_reference
+
+import miniblip2
+from miniblip2.errors import DeviceError
+from miniblip2.runtime.device import array_module, to_numpy
 
 
 def gpu_missing():
@@ -142,7 +142,7 @@ def test_bfloat16_greedy_ids_identical_up_to_ties(checkpoint, name):
 @pytest.fixture(scope="module")
 def real_shapes(tmp_path_factory):
     """A random checkpoint with blip2-opt-2.7b's config and shapes, 4 layers per tower, fp16."""
-    from miniblip2.random_checkpoint import write_random_checkpoint
+    from miniblip2.testing.random_checkpoint import write_random_checkpoint
     return write_random_checkpoint(tmp_path_factory.mktemp("blip2-opt-2.7b-random"), "blip2-opt-2.7b",
                                    layers=REAL_SHAPES_LAYERS, dtype=np.float16)
 
@@ -177,9 +177,10 @@ SPIN = r'''extern "C" __global__ void spin(long long cycles) {
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_a_decoding_step_never_waits_for_the_gpu(checkpoint, dtype):
     import cupy
-    from miniblip2.generate import next_token_logits
+
+    from miniblip2.generation.loops import next_token_logits
+    from miniblip2.generation.processors import greedy_choice, process_logits
     from miniblip2.opt import embed_tokens, new_cache
-    from miniblip2.sampling import greedy_choice, process_logits
     ours = miniblip2.load(checkpoint(), dtype=dtype, device="cuda")
     pixels = image_batch(ours.config, 2, seed=5)
     ids, mask = prompts(ours.config, [2, 5], seed=6)

@@ -1,4 +1,4 @@
-"""miniblip2.image against transformers' BlipImageProcessorPil, plus every bad input it must refuse.
+"""miniblip2.checkpoint.image against transformers' BlipImageProcessorPil, plus every bad input it must refuse.
 
 Parity tolerance is 1e-6: both sides run the same PIL conversion and resize on the same uint8
 pixels, then the same float64 -> float32 rescale and float32 normalize, so the outputs should be
@@ -14,9 +14,9 @@ import PIL.Image
 import pytest
 from transformers import BlipImageProcessorPil
 
+from miniblip2.checkpoint.image import ImageConfig, load_image, preprocess, read_image_config
 from miniblip2.errors import CheckpointError, ImageError
-from miniblip2.image import ImageConfig, load_image, preprocess, read_image_config
-from miniblip2.tiny_tokenizer import build_tiny_processor_files
+from miniblip2.testing.tiny_tokenizer import build_tiny_processor_files
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "blip2-opt-2.7b"
 PARITY = 1e-6

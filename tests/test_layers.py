@@ -11,16 +11,16 @@ import math
 import numpy as np
 import pytest
 import torch
+from tiny import tiny_config
 from torch import nn
 from transformers.models.blip_2 import modeling_blip_2 as ref
 from transformers.models.opt import modeling_opt as ref_opt
 
 from miniblip2 import nn as mnn
-from miniblip2.config import config_from_dict
+from miniblip2.checkpoint.config import config_from_dict
 from miniblip2.opt import causal_mask, opt_layer, position_ids
 from miniblip2.qformer import qformer_layer
 from miniblip2.vision import bicubic_matrix, interpolate_positions, patch_embed, vit_layer
-from tiny import tiny_config
 
 TOL = 1e-5
 
@@ -32,7 +32,7 @@ def rel_error(ours, theirs):
 
 def module_weights(module):
     """A torch module's parameters as the nested dict miniblip2 reads (keys split on '.')."""
-    from miniblip2.weights import nest
+    from miniblip2.checkpoint.safetensors import nest
     return nest({k: v.detach().numpy() for k, v in module.state_dict().items()})
 
 

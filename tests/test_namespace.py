@@ -11,13 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-import miniblip2
-from miniblip2.model import Blip2
 from strict_numpy import DeviceArray, DirectNumPyCall, StrictArray, strict, to_strict
 from test_parity import image_batch, prompts
 
-MODEL_CODE = ["nn.py", "precision.py", "vision.py", "qformer.py", "opt.py", "generate.py", "sampling.py", "model.py"]
+import miniblip2
+from miniblip2.blip2 import Blip2
+
+MODEL_CODE = ["nn.py", "runtime/precision.py", "vision.py", "qformer.py", "opt.py", "generation/loops.py",
+              "generation/processors.py", "blip2.py"]
 
 
 @pytest.fixture(scope="module", params=["float32", "float16", "bfloat16"])

@@ -10,12 +10,12 @@ widened to fp32 by both libraries, so they meet the same bar.
 import numpy as np
 import pytest
 import torch
+from conftest import CONFIGS, LAYOUTS
+from tiny import EOS_TOKEN, IMAGE_TOKEN, VOCAB_SIZE
 from transformers import Blip2ForConditionalGeneration
 
 import miniblip2
-from conftest import CONFIGS, LAYOUTS
-from miniblip2.device import to_numpy
-from tiny import EOS_TOKEN, IMAGE_TOKEN, VOCAB_SIZE
+from miniblip2.runtime.device import to_numpy
 
 TOL = 1e-4
 NEW_TOKENS = 30

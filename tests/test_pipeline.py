@@ -10,12 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TEST_DEVICE
 from PIL import Image
 from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
 import miniblip2
-from miniblip2 import cli, shipped
-from conftest import TEST_DEVICE
+from miniblip2 import cli
+from miniblip2.shapes import shipped
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "example.png"
 PROMPTS = ["Question: what is in the picture? Answer:", "a photo of", "Question: how many dogs are there? Answer:"]
@@ -140,7 +141,7 @@ def test_load_processor_needs_no_weights(folder, tmp_path, images):
 
 def test_random_checkpoint_loads_in_transformers_and_agrees(tmp_path):
     """The writer behind the README's first command makes a checkpoint transformers reads too."""
-    from miniblip2.random_checkpoint import write_random_checkpoint
+    from miniblip2.testing.random_checkpoint import write_random_checkpoint
     folder = write_random_checkpoint(tmp_path / "tiny", seed=3)
     ours = miniblip2.load(folder)
     reference = Blip2ForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()

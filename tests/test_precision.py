@@ -22,16 +22,16 @@ a transposed weight) gives 1e-1 or more.
 import numpy as np
 import pytest
 import torch
+from conftest import CONFIGS
+from test_parity import NEW_TOKENS, batch_of_three, image_batch, prompts, rel_error
 from transformers import Blip2ForConditionalGeneration
 
 import miniblip2
-from conftest import CONFIGS
-from miniblip2.nn import attention
-from miniblip2.precision import cast_weights, matmul, round_bf16, widen
-from miniblip2.weights import float32_to_bf16
-from miniblip2.device import to_numpy
+from miniblip2.checkpoint.safetensors import float32_to_bf16
 from miniblip2.errors import CheckpointError
-from test_parity import NEW_TOKENS, batch_of_three, image_batch, prompts, rel_error
+from miniblip2.nn import attention
+from miniblip2.runtime.device import to_numpy
+from miniblip2.runtime.precision import cast_weights, matmul, round_bf16, widen
 
 TOL = {"float16": 5e-3, "bfloat16": 4e-2}
 TOL_QFORMER_FP32 = 1e-4  # in float16 the Q-Former is float32: the parity bar

@@ -1,4 +1,4 @@
-"""miniblip2.processor against transformers' Blip2Processor(images=..., text=..., padding=True).
+"""miniblip2.checkpoint.processor against transformers' Blip2Processor(images=..., text=..., padding=True).
 
 input_ids and attention_mask are integers: compared exactly, dtype included (int64).
 pixel_values: 1e-6, as in test_image.py (same PIL pipeline, bit-identical in practice).
@@ -13,9 +13,9 @@ import PIL.Image
 import pytest
 from transformers import Blip2Processor
 
+from miniblip2.checkpoint.processor import load_processor
 from miniblip2.errors import CheckpointError, PromptError
-from miniblip2.processor import load_processor
-from miniblip2.tiny_tokenizer import build_tiny_processor_files, build_tiny_tokenizer
+from miniblip2.testing.tiny_tokenizer import build_tiny_processor_files, build_tiny_tokenizer
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "blip2-opt-2.7b"
 needs_reference = pytest.mark.skipif(not REFERENCE.is_dir(), reason="../shared/reference is not beside the repo")

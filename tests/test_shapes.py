@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 import miniblip2
-from miniblip2 import cli, shapes, shipped
-from miniblip2.config import read_config
-from miniblip2.tokenizer import load_tokenizer
+from miniblip2 import cli, shapes
+from miniblip2.checkpoint.config import read_config
+from miniblip2.checkpoint.tokenizer import load_tokenizer
+from miniblip2.shapes import shipped
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from eval_shapes import TransformersModel  # noqa: E402

@@ -1,4 +1,4 @@
-"""miniblip2.tokenizer against transformers' GPT2Tokenizer (AutoTokenizer) on the real OPT files,
+"""miniblip2.checkpoint.tokenizer against transformers' GPT2Tokenizer (AutoTokenizer) on the real OPT files,
 its two loading paths against each other, and the tiny test tokenizer in both libraries.
 
 Token ids are integers: every comparison here is exact equality, no tolerance.
@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer, GPT2Tokenizer
 
+from miniblip2.checkpoint.tokenizer import load_tokenizer, with_image_token
 from miniblip2.errors import CheckpointError, PromptError
-from miniblip2.tokenizer import load_tokenizer, with_image_token
-from miniblip2.tiny_tokenizer import CORPUS, build_tiny_tokenizer
+from miniblip2.testing.tiny_tokenizer import CORPUS, build_tiny_tokenizer
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "blip2-opt-2.7b"
 needs_reference = pytest.mark.skipif(not REFERENCE.is_dir(), reason="../shared/reference is not beside the repo")

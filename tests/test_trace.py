@@ -10,15 +10,15 @@ mask gives 1e-2 or more.
 import numpy as np
 import pytest
 import torch
-
-import miniblip2
 from conftest import CONFIGS
-from miniblip2.device import to_numpy
-from miniblip2.trace import PROBS, recording, trace_forward
-from miniblip2.model import TIED_WEIGHTS
-from miniblip2.weights import load_checkpoint
 from test_parity import image_batch, prompts, reference
 from tiny import EOS_TOKEN
+
+import miniblip2
+from miniblip2.blip2 import TIED_WEIGHTS
+from miniblip2.checkpoint.safetensors import load_checkpoint
+from miniblip2.runtime.device import to_numpy
+from miniblip2.runtime.trace import PROBS, recording, trace_forward
 
 PROBS_TOL = 1e-5
 LARGEST_PROBS_ERRORS = {}  # tower -> largest absolute error seen, for the report

@@ -1,4 +1,4 @@
-"""miniblip2.weights against the safetensors library, transformers, and broken files.
+"""miniblip2.checkpoint.safetensors against the safetensors library, transformers, and broken files.
 
 Every comparison of tensors here is exact (tolerance 0, bit for bit): reading and writing
 safetensors only moves bytes, and BF16 -> F32 widening is exact, so any difference is a bug.
@@ -17,10 +17,18 @@ import safetensors.numpy
 import safetensors.torch
 import torch
 
-from miniblip2 import weights as W
+from miniblip2.checkpoint import safetensors as W
+from miniblip2.checkpoint.safetensors import (
+    BF16,
+    bf16_to_float32,
+    check_weights,
+    float32_to_bf16,
+    load_checkpoint,
+    nest,
+    read_safetensors,
+    save_safetensors,
+)
 from miniblip2.errors import CheckpointError
-from miniblip2.weights import (BF16, bf16_to_float32, check_weights, float32_to_bf16,
-                               load_checkpoint, nest, read_safetensors, save_safetensors)
 
 REFERENCE = Path(__file__).parents[2] / "shared" / "reference" / "blip2-opt-2.7b"
 TIED = {"language_model.lm_head.weight": "language_model.model.decoder.embed_tokens.weight"}

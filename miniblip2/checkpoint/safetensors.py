@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from miniblip2.errors import CheckpointError
+from ..errors import CheckpointError
 
 # NumPy has no bfloat16. A BF16 tensor stays its raw 16 bits as uint16, tagged through the
 # dtype's metadata so `load_checkpoint` and `save_safetensors` know they are BF16, not U16.

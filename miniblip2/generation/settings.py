@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import PromptError
+from ..errors import PromptError
 
 DEFAULT_NEW_TOKENS = 20  # transformers generates 20 new tokens when no length is set anywhere
 

@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 
-from .errors import DeviceError
+from ..errors import DeviceError
 
 DEVICES = ("cpu", "cuda")
 GPU_HELP = ("install CuPy for your CUDA version: pip install 'miniblip2[gpu]' (cupy-cuda12x, CUDA 12.x); "

@@ -22,8 +22,8 @@ import numpy as np
 import PIL.Image
 import PIL.ImageOps
 
+from ..errors import CheckpointError, ImageError
 from .config import read_json
-from .errors import CheckpointError, ImageError
 
 # OPENAI_CLIP_MEAN / OPENAI_CLIP_STD in transformers' image_utils.py: BLIP-2's EVA ViT was
 # trained with CLIP's statistics, not ImageNet's.

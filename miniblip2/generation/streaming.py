@@ -17,7 +17,7 @@ hands it out at once. The pieces joined are exactly `caption`'s text.
 
 import numpy as np
 
-from .errors import PromptError
+from ..errors import PromptError
 
 
 # The part of the decoded text that no later token can change, as `caption` will show it.

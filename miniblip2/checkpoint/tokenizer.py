@@ -27,8 +27,8 @@ import numpy as np
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
 
+from ..errors import CheckpointError, PromptError
 from .config import read_json
-from .errors import CheckpointError, PromptError
 
 IMAGE_TOKEN = "<image>"
 

@@ -9,7 +9,7 @@ examples/blip2_instructed_generation.ipynb; the Hugging Face BLIP-2 blog post us
     prompt = " ".join([template.format(q, a) for q, a in context]) + " Question: " + question + " Answer:"
 """
 
-from .errors import PromptError
+from ..errors import PromptError
 
 
 # With no earlier turns this is the demo's single-question prompt "Question: ... Answer:" (the

@@ -27,10 +27,10 @@ N new tokens, D width, V vocabulary, C candidates kept per input, L = T + N.
 
 import numpy as np
 
-from .device import to_numpy
-from .nn import namespace
-from .opt import embed_tokens, lm_head, new_cache, opt_decoder, reorder_cache
-from .sampling import greedy_choice, log_softmax, process_logits, sample_choice, sample_without_replacement, topk
+from ..nn import namespace
+from ..opt import embed_tokens, lm_head, new_cache, opt_decoder, reorder_cache
+from ..runtime.device import to_numpy
+from .processors import greedy_choice, log_softmax, process_logits, sample_choice, sample_without_replacement, topk
 
 EXCLUDED = -1.0e9  # transformers' score for "never pick this" in beam bookkeeping (finite: sums stay finite)
 

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import CheckpointError, PromptError
 from .config import read_json
-from .errors import CheckpointError, PromptError
 from .image import ImageConfig, preprocess, read_image_config
 from .tokenizer import Tokenizer, load_tokenizer, with_image_token
 

@@ -10,7 +10,7 @@ Legend: B rows (inputs x beams or samples), S ids so far (prompt + new), V vocab
 K tokens to keep, N n-gram size.
 """
 
-from .nn import namespace, softmax
+from ..nn import namespace, softmax
 
 
 # RepetitionPenaltyLogitsProcessor: every token already in the row (prompt included, image

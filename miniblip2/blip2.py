@@ -20,20 +20,20 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import read_config
-from .device import array_module, device_generator, to_device, to_numpy
+from .checkpoint.config import read_config
+from .checkpoint.processor import load_processor
+from .checkpoint.safetensors import check_weights, load_checkpoint, nest
 from .errors import CheckpointError, ImageError, PromptError
-from .generate import beam_search, expand_inputs, sample_steps
-from .generation_config import generation_defaults, random_generator, resolve_generation_config
+from .generation.loops import beam_search, expand_inputs, sample_steps
+from .generation.settings import generation_defaults, random_generator, resolve_generation_config
+from .generation.streaming import TextStreamer
 from .nn import linear, namespace
 from .opt import embed_tokens, lm_head, opt_decoder
-from .precision import cast_weights, check_dtype, like_weight, widen
-from .processor import load_processor
 from .qformer import qformer_model
-from .streaming import TextStreamer
-from .trace import record, trace
+from .runtime.device import array_module, device_generator, to_device, to_numpy
+from .runtime.precision import cast_weights, check_dtype, like_weight, widen
+from .runtime.trace import record, trace
 from .vision import vision_model
-from .weights import check_weights, load_checkpoint, nest
 
 
 def _linear(prefix, n_out, n_in, bias=True):

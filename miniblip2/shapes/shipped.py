@@ -9,10 +9,10 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 WEIGHTS_ENV = "MINIBLIP2_WEIGHTS"  # a checkpoint folder to use when none is given
-SHAPES_TINY = Path(__file__).resolve().parent.parent / "weights" / "shapes-tiny"
+SHAPES_TINY = Path(__file__).resolve().parents[2] / "weights" / "shapes-tiny"
 _announced = False
 
 

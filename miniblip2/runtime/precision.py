@@ -30,9 +30,9 @@ import functools
 
 import numpy as np
 
+from ..checkpoint.safetensors import bf16_to_float32, float32_to_bf16, is_bf16
+from ..errors import CheckpointError
 from .device import namespace, on_host
-from .errors import CheckpointError
-from .weights import bf16_to_float32, float32_to_bf16, is_bf16
 
 DTYPES = ("float32", "float16", "bfloat16")
 # Blip2ForConditionalGeneration._keep_in_fp32_modules, applied by transformers for float16 only.

@@ -1,7 +1,7 @@
 """Write a BLIP-2 checkpoint with random weights in the hub layout: no download needed.
 
-    python -m miniblip2.random_checkpoint weights/tiny-random
-    python -m miniblip2.random_checkpoint weights/opt-2.7b-random --preset blip2-opt-2.7b --layers 2
+    python -m miniblip2.testing.random_checkpoint weights/tiny-random
+    python -m miniblip2.testing.random_checkpoint weights/opt-2.7b-random --preset blip2-opt-2.7b --layers 2
 
 `tiny` is a few hundred KB with a small byte-level BPE tokenizer and processor files, so the
 whole pipeline (image -> caption) runs; its words are random. `blip2-opt-2.7b` has the real
@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import config_from_dict
-from .model import TIED_WEIGHTS, expected_shapes
+from ..blip2 import TIED_WEIGHTS, expected_shapes
+from ..checkpoint.config import config_from_dict
+from ..checkpoint.safetensors import save_safetensors
 from .tiny_tokenizer import build_tiny_processor_files, build_tiny_tokenizer
-from .weights import save_safetensors
 
 SHARD_BYTES = 2 << 30
 
@@ -108,7 +108,7 @@ def write_random_checkpoint(folder, preset="tiny", layers=None, seed=0, dtype=np
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m miniblip2.random_checkpoint", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m miniblip2.testing.random_checkpoint", description=__doc__.split("\n")[0])
     parser.add_argument("folder")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--layers", type=int, help="layers per tower (default: the preset's)")
