@@ -41,8 +41,7 @@ sys.path.insert(0, str(REPO))
 
 from common import PROMPT_IDS, StageClock, bench_inputs, write_section  # noqa: E402  (bench/common.py)
 
-from miniblip2.blip2 import TIED_WEIGHTS, expected_shapes  # noqa: E402
-from miniblip2.checkpoint.config import config_from_dict  # noqa: E402
+from miniblip2.blip2 import config_from_dict, expected_shapes, tied_weights  # noqa: E402
 from miniblip2.checkpoint.safetensors import CheckpointError, check_weights, load_checkpoint  # noqa: E402
 from miniblip2.testing.random_checkpoint import preset_config, write_random_checkpoint  # noqa: E402
 
@@ -62,8 +61,8 @@ def ensure_weights(folder, layers):
     values = preset_config("blip2-opt-2.7b", layers)
     try:
         if json.loads((folder / "config.json").read_text()) == values:
-            check_weights(load_checkpoint(folder, progress=False),
-                          expected_shapes(config_from_dict(values)), tied=TIED_WEIGHTS)
+            config = config_from_dict(values)
+            check_weights(load_checkpoint(folder, progress=False), expected_shapes(config), tied=tied_weights(config))
             return folder
     except (OSError, ValueError, CheckpointError):
         pass

@@ -106,7 +106,7 @@ def run_transformers(folder, reps, tokens):
     import torch
     import transformers
 
-    from miniblip2.checkpoint.config import read_config
+    from miniblip2.blip2 import read_config
     transformers.logging.set_verbosity_error()
     start = time.perf_counter()
     model = transformers.Blip2ForConditionalGeneration.from_pretrained(

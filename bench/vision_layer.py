@@ -31,7 +31,7 @@ from common import write_section  # noqa: E402  (bench/common.py)
 from cpu import THREAD_VARIABLES, machine_description, sgemm_gflops  # noqa: E402  (bench/cpu.py)
 
 from miniblip2 import nn, vision  # noqa: E402
-from miniblip2.checkpoint.config import config_from_dict  # noqa: E402
+from miniblip2.blip2 import config_from_dict  # noqa: E402
 from miniblip2.checkpoint.safetensors import nest  # noqa: E402
 from miniblip2.testing.random_checkpoint import preset_config  # noqa: E402
 

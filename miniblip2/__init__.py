@@ -6,9 +6,10 @@
 """
 
 from . import shapes
-from .blip2 import Blip2, load
+from .blip2 import Blip2
 from .checkpoint.processor import load_processor
 from .errors import CheckpointError, DeviceError, ImageError, MiniBlip2Error, PromptError
+from .families import load
 from .generation.chat import chat_prompt
 from .generation.streaming import TextStreamer
 from .shapes.shipped import weights_folder

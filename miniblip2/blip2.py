@@ -1,113 +1,124 @@
-"""The glue: a checkpoint folder in, a `Blip2` model out that turns images into text.
+"""BLIP-2 for image-to-text (`Blip2ForConditionalGeneration` in transformers' modeling_blip_2.py),
+with either of its language models:
 
 image -> processor -> pixel_values [B, 3, 224, 224]
       -> vision_model -> image_embeds [B, 257, 1408]
       -> qformer (32 queries) -> query_output [B, 32, 768]
-      -> language_projection -> image features [B, 32, 2560], put at the 32 `<image>` positions
-      -> OPT -> logits [B, T, 50304] -> greedy, beam search or sampling -> ids -> text
+      -> language_projection -> image features [B, 32, D], put at the 32 `<image>` positions
+      -> OPT, decoder-only (blip2-opt-*): logits over the prompt, new tokens appended to it
+         or T5, encoder-decoder (blip2-flan-t5-*): the encoder reads the prompt once, the
+         decoder writes from `decoder_start_token_id`
+      -> greedy, beam search or sampling (generation/loops.py) -> ids -> text
 
-Mirrors `Blip2ForConditionalGeneration` (transformers' modeling_blip_2.py) and speaks its
-vocabulary: `forward`, `generate`, `batch_decode`, `processor(images=..., text=...)`.
-The weights live on one device (`load(..., device="cpu" | "cuda")`, see device.py) in one dtype
-(float32, float16 or bfloat16, see precision.py). Inputs follow the weights; `forward` and
-`generate` give NumPy back. The stages (`vision`, `qformer`, `project`) take and give arrays on
-the model's device, so they chain there without copies.
+Speaks transformers' vocabulary: `forward`, `generate`, `batch_decode`, `processor(images=...,
+text=...)`. The weights live on one device (`load(..., device="cpu" | "cuda")`, see
+runtime/device.py) in one dtype (see runtime/precision.py). Inputs follow the weights; `forward`
+and `generate` give NumPy back. The stages (`vision`, `qformer`, `project`) take and give arrays
+on the model's device, so they chain there without copies.
 
-Legend: B batch, T tokens, Q queries (32), Dq Q-Former width (768), D text width (2560).
+Legend: B batch, T prompt tokens, Q queries (32), Dq Q-Former width (768), D text width (2560
+for OPT-2.7b, 2048 for Flan-T5-xl).
 """
 
-from pathlib import Path
+import dataclasses
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from .checkpoint.config import read_config
-from .checkpoint.processor import load_processor
-from .checkpoint.safetensors import check_weights, load_checkpoint, nest
+from . import opt, t5
+from .checkpoint.config import check_activation, check_heads, from_dict, read_config_json
+from .checkpoint.loading import checkpoint_folder, load_weights
+from .checkpoint.processor import has_processor_files, load_processor
 from .errors import CheckpointError, ImageError, PromptError
 from .generation.loops import beam_search, expand_inputs, sample_steps
 from .generation.settings import generation_defaults, random_generator, resolve_generation_config
 from .generation.streaming import TextStreamer
-from .nn import linear, namespace
-from .opt import embed_tokens, lm_head, opt_decoder
-from .qformer import qformer_model
-from .runtime.device import array_module, device_generator, to_device, to_numpy
-from .runtime.precision import cast_weights, check_dtype, like_weight, widen
+from .nn import linear, linear_shapes, namespace
+from .qformer import QFormerConfig, qformer_model
+from .qformer import expected_shapes as qformer_shapes
+from .runtime.device import device_generator, to_numpy
+from .runtime.precision import check_dtype, like_weight, widen
 from .runtime.trace import record, trace
-from .vision import vision_model
+from .vision import VisionConfig, vision_model
+from .vision import expected_shapes as vision_shapes
 
 
-def _linear(prefix, n_out, n_in, bias=True):
-    shapes = {f"{prefix}.weight": (n_out, n_in)}
-    if bias:
-        shapes[f"{prefix}.bias"] = (n_out,)
-    return shapes
+# Blip2Config: the three towers and the glue between them.
+@dataclass(frozen=True)
+class Blip2Config:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    text: opt.OPTConfig | t5.T5Config = field(default_factory=opt.OPTConfig)
+    num_query_tokens: int = 32
+    image_token_index: int | None = None
 
 
-def _norm(prefix, n):
-    return {f"{prefix}.weight": (n,), f"{prefix}.bias": (n,)}
+# text_config, by its model_type: the language model's own config, checked by its own file.
+def text_config(values: dict):
+    model_type = values.get("model_type", "opt") if isinstance(values, dict) else None
+    if model_type == "t5":
+        return t5.t5_config(values)
+    if model_type != "opt":
+        raise CheckpointError(f"config.json: text_config.model_type is {model_type!r}; BLIP-2 runs with "
+                              "'opt' (blip2-opt-2.7b, -6.7b) or 't5' (blip2-flan-t5-xl, -xxl)")
+    config = from_dict(opt.OPTConfig, values, "text_config")
+    if config.word_embed_proj_dim is None:
+        config = dataclasses.replace(config, word_embed_proj_dim=config.hidden_size)
+    check_activation("text_config.activation_function", config.activation_function)
+    check_heads("text_config", config.hidden_size, config.num_attention_heads)
+    opt.check_config(config)
+    return config
 
 
-def _vision_shapes(c):
-    D, F, P = c.hidden_size, c.intermediate_size, c.patch_size
-    shapes = {"embeddings.class_embedding": (1, 1, D),
-              "embeddings.position_embedding": (1, (c.image_size // P) ** 2 + 1, D),
-              **_linear("embeddings.patch_embedding", D, c.num_channels, bias=True),
-              **_norm("post_layernorm", D)}
-    shapes["embeddings.patch_embedding.weight"] = (D, c.num_channels, P, P)
-    for i in range(c.num_hidden_layers):
-        layer = f"encoder.layers.{i}"
-        shapes |= {**_norm(f"{layer}.layer_norm1", D), **_norm(f"{layer}.layer_norm2", D),
-                   **_linear(f"{layer}.self_attn.qkv", 3 * D, D, bias=c.qkv_bias),
-                   **_linear(f"{layer}.self_attn.projection", D, D),
-                   **_linear(f"{layer}.mlp.fc1", F, D), **_linear(f"{layer}.mlp.fc2", D, F)}
-    return shapes
+# Blip2Config.from_pretrained: the three sub-configs plus the glue values.
+def config_from_dict(values: dict) -> Blip2Config:
+    if values.get("model_type") != "blip-2":
+        raise CheckpointError(
+            f"config.json has model_type {values.get('model_type')!r}; this is the BLIP-2 family's loader "
+            "(model_type 'blip-2', e.g. Salesforce/blip2-opt-2.7b)")
+    vision = from_dict(VisionConfig, values.get("vision_config") or {}, "vision_config")
+    qformer = from_dict(QFormerConfig, values.get("qformer_config") or {}, "qformer_config")
+    qformer = dataclasses.replace(qformer, encoder_hidden_size=vision.hidden_size)
+    for where, tower in [("vision_config", vision), ("qformer_config", qformer)]:
+        check_activation(f"{where}.hidden_act", tower.hidden_act)
+        check_heads(where, tower.hidden_size, tower.num_attention_heads)
+    config = Blip2Config(vision=vision, qformer=qformer, text=text_config(values.get("text_config") or {}),
+                         num_query_tokens=values.get("num_query_tokens", 32),
+                         image_token_index=values.get("image_token_index", values.get("image_token_id")))
+    if config.image_token_index is None:
+        raise CheckpointError(
+            "config.json has no image_token_index: this is a pre-2024 BLIP-2 config whose processor does "
+            "not insert <image> tokens. Download the current revision of the checkpoint.")
+    return config
 
 
-def _qformer_attention_shapes(prefix, D, context_width):
-    return {**_linear(f"{prefix}.attention.query", D, D),
-            **_linear(f"{prefix}.attention.key", D, context_width),
-            **_linear(f"{prefix}.attention.value", D, context_width),
-            **_linear(f"{prefix}.output.dense", D, D), **_norm(f"{prefix}.output.LayerNorm", D)}
+def read_config(folder) -> Blip2Config:
+    return config_from_dict(read_config_json(folder))
 
 
-def _qformer_shapes(c):
-    D, F = c.hidden_size, c.intermediate_size
-    shapes = _norm("layernorm", D)
-    for i in range(c.num_hidden_layers):
-        layer = f"encoder.layer.{i}"
-        shapes |= _qformer_attention_shapes(f"{layer}.attention", D, D)
-        if i % c.cross_attention_frequency == 0:
-            shapes |= _qformer_attention_shapes(f"{layer}.crossattention", D, c.encoder_hidden_size)
-        shapes |= {**_linear(f"{layer}.intermediate_query.dense", F, D),
-                   **_linear(f"{layer}.output_query.dense", D, F), **_norm(f"{layer}.output_query.LayerNorm", D)}
-    return shapes
+def language_model(config):  # the tower file of the text model: opt or t5
+    return t5 if config.text.is_encoder_decoder else opt
 
 
-def _opt_shapes(c):
-    D, F = c.hidden_size, c.ffn_dim
-    shapes = {"model.decoder.embed_tokens.weight": (c.vocab_size, D),
-              "model.decoder.embed_positions.weight": (c.max_position_embeddings + 2, D),
-              **_norm("model.decoder.final_layer_norm", D), "lm_head.weight": (c.vocab_size, D)}
-    for i in range(c.num_hidden_layers):
-        layer = f"model.decoder.layers.{i}"
-        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            shapes |= _linear(f"{layer}.self_attn.{name}", D, D)
-        shapes |= {**_norm(f"{layer}.self_attn_layer_norm", D), **_norm(f"{layer}.final_layer_norm", D),
-                   **_linear(f"{layer}.fc1", F, D), **_linear(f"{layer}.fc2", D, F)}
-    return shapes
-
-
-# Every key of a Blip2ForConditionalGeneration checkpoint with its shape, from the config alone.
+# Every key of a Blip2ForConditionalGeneration checkpoint with its shape, from the config alone:
+# each tower lists its own, under the prefix the glue gives it.
 def expected_shapes(config):
     prefixed = lambda prefix, shapes: {f"{prefix}.{k}": v for k, v in shapes.items()}
     return {"query_tokens": (1, config.num_query_tokens, config.qformer.hidden_size),
-            **prefixed("vision_model", _vision_shapes(config.vision)),
-            **prefixed("qformer", _qformer_shapes(config.qformer)),
-            **_linear("language_projection", config.text.hidden_size, config.qformer.hidden_size),
-            **prefixed("language_model", _opt_shapes(config.text))}
+            **prefixed("vision_model", vision_shapes(config.vision)),
+            **prefixed("qformer", qformer_shapes(config.qformer)),
+            **linear_shapes("language_projection", config.text.hidden_size, config.qformer.hidden_size),
+            **prefixed("language_model", language_model(config).expected_shapes(config.text))}
 
 
-TIED_WEIGHTS = {"language_model.lm_head.weight": "language_model.model.decoder.embed_tokens.weight"}
+# The weights a checkpoint may leave out because they share another's storage.
+def tied_weights(config):
+    tied = language_model(config).tied_weights(config.text)
+    return {f"language_model.{name}": f"language_model.{source}" for name, source in tied.items()}
+
+
+# Blip2ForConditionalGeneration._keep_in_fp32_modules, which transformers applies for float16 only.
+KEEP_IN_FLOAT32 = ("query_tokens", "qformer.")
 
 
 def _as_int_array(values, name):
@@ -128,6 +139,7 @@ class Blip2:
         self.processor = processor
         self.generation_defaults = generation_defaults(config)
         self.xp = namespace(weights["query_tokens"])  # numpy or cupy: where the weights live
+        self.lm = language_model(config)  # the tower file of the text model: opt or t5
 
     # --- the stages, each returning what the reference returns at that point -------------
 
@@ -162,19 +174,26 @@ class Blip2:
             raise PromptError(
                 f"each row of input_ids needs exactly {self.config.num_query_tokens} <image> tokens "
                 f"(id {self.config.image_token_index}); found {counts.tolist()}. Build inputs with model.processor")
-        embeds = embed_tokens(xp.asarray(input_ids), self.weights["language_model"])
+        embeds = self.lm.embed_tokens(xp.asarray(input_ids), self.weights["language_model"])  # [B, T, D]
         embeds[xp.asarray(is_image)] = image_features.reshape(-1, image_features.shape[-1])
         return embeds
 
-    def forward(self, pixel_values, input_ids, attention_mask=None, interpolate_pos_encoding=False):
-        """Logits [B, T, V] for every prompt position, as `Blip2ForConditionalGeneration(...).logits`."""
+    def forward(self, pixel_values, input_ids, attention_mask=None, decoder_input_ids=None,
+                interpolate_pos_encoding=False):
+        """Logits as `Blip2ForConditionalGeneration(...).logits`: [B, T, V] for every prompt position
+        (OPT), or [B, S, V] for every position of `decoder_input_ids` [B, S] (T5; by default the
+        decoder start token alone, the logits of the first new token)."""
         input_ids, attention_mask = self._check_prompt(input_ids, attention_mask, pixel_values)
         self._check_length(input_ids.shape[1], 0)
         features = self.image_features(pixel_values, interpolate_pos_encoding)
         embeds = self.embed_inputs(input_ids, features)
-        w = self.weights["language_model"]
-        hidden = opt_decoder(embeds, self.xp.asarray(attention_mask), w, self.config.text)
-        return to_numpy(lm_head(hidden, w))
+        w, text, mask = self.weights["language_model"], self.config.text, self.xp.asarray(attention_mask)
+        if not text.is_encoder_decoder:
+            return to_numpy(opt.lm_head(opt.opt_decoder(embeds, mask, w, text), w))
+        if decoder_input_ids is None:
+            decoder_input_ids = np.full((input_ids.shape[0], 1), text.decoder_start_token_id, dtype=np.int64)
+        decoder_input_ids = self._check_ids(decoder_input_ids, "decoder_input_ids")
+        return to_numpy(t5.t5_forward(embeds, mask, self.xp.asarray(decoder_input_ids), w, text))
 
     def generate(self, pixel_values, input_ids=None, attention_mask=None, max_new_tokens=None, *, seed=None,
                  generator=None, streamer=None, use_cache=True, interpolate_pos_encoding=False, **generation_kwargs):
@@ -192,19 +211,18 @@ class Blip2:
         torch's random stream would give. `streamer` is called as transformers calls one:
         put(prompt ids [1, T]), put(new id [1]) after each step, end(); see `TextStreamer`.
         With num_return_sequences n, each input's n rows come together, best beam first."""
-        embeds, input_ids, attention_mask, gen, rng = self._prepare_generation(
-            pixel_values, input_ids, attention_mask, seed, generator, interpolate_pos_encoding,
-            dict(max_new_tokens=max_new_tokens, **generation_kwargs))
-        w, text_config = self.weights["language_model"], self.config.text
+        decoder, gen, rng = self._prepare_generation(pixel_values, input_ids, attention_mask, seed, generator, use_cache,
+                                                      interpolate_pos_encoding,
+                                                      dict(max_new_tokens=max_new_tokens, **generation_kwargs))
         if gen.num_beams > 1:
             if streamer is not None:
                 raise PromptError("`streamer` cannot be used with beam search (as in transformers): the text is "
                                   "known only at the end. Set num_beams=1")
-            return to_numpy(beam_search(embeds, input_ids, attention_mask, w, text_config, gen, rng, use_cache))
-        ids = [to_numpy(input_ids)]
+            return to_numpy(beam_search(decoder, gen, rng))
+        ids = [to_numpy(decoder.prompt_ids)]
         if streamer is not None:
             streamer.put(ids[0])
-        for next_ids in sample_steps(embeds, input_ids, attention_mask, w, text_config, gen, rng, use_cache):
+        for next_ids in sample_steps(decoder, gen, rng):
             ids.append(next_ids[:, None])  # NumPy: each step's ids come to the host anyway
             if streamer is not None:
                 streamer.put(next_ids)
@@ -213,9 +231,10 @@ class Blip2:
         return np.concatenate(ids, axis=1)
 
     # Blip2ForConditionalGeneration.generate up to `language_model.generate`: the inputs checked,
-    # the settings resolved, the image features put into the prompt's embeddings, and every row
-    # repeated for its beams or samples (GenerationMixin._expand_inputs_for_generation).
-    def _prepare_generation(self, pixel_values, input_ids, attention_mask, seed, generator,
+    # the settings resolved, the image features put into the prompt's embeddings, every row
+    # repeated for its beams or samples (GenerationMixin._expand_inputs_for_generation), and
+    # the language model's decoder for the loops (see generation/loops.py).
+    def _prepare_generation(self, pixel_values, input_ids, attention_mask, seed, generator, use_cache,
                             interpolate_pos_encoding, arguments):
         batch = self._check_pixels(pixel_values).shape[0]
         if input_ids is None:  # no prompt: the image tokens and BOS, as the reference builds them
@@ -223,15 +242,23 @@ class Blip2:
             input_ids = np.full((batch, len(start)), start, dtype=np.int64)
         input_ids, attention_mask = self._check_prompt(input_ids, attention_mask, pixel_values)
         text = self.config.text
-        gen = resolve_generation_config(self.generation_defaults, arguments, input_ids.shape[1],
-                                        text.max_position_embeddings, text.vocab_size)
+        # T5's decoder starts from one token; OPT continues the prompt, within its position table
+        prompt_length = 1 if text.is_encoder_decoder else input_ids.shape[1]
+        max_positions = None if text.is_encoder_decoder else text.max_position_embeddings
+        gen = resolve_generation_config(self.generation_defaults, arguments, prompt_length, max_positions,
+                                        text.vocab_size)
         self._check_length(input_ids.shape[1], gen.max_new_tokens)
         embeds = self.embed_inputs(input_ids, self.image_features(pixel_values, interpolate_pos_encoding))
         xp = namespace(embeds)
         rng = device_generator(random_generator(seed, generator), xp)
-        rows = expand_inputs(max(gen.num_beams, gen.num_return_sequences), embeds, xp.asarray(input_ids),
-                             xp.asarray(attention_mask))
-        return (*rows, gen, rng)
+        embeds, input_ids, attention_mask = expand_inputs(max(gen.num_beams, gen.num_return_sequences), embeds,
+                                                          xp.asarray(input_ids), xp.asarray(attention_mask))
+        w = self.weights["language_model"]
+        if text.is_encoder_decoder:
+            decoder = t5.T5Decoding(w, text, embeds, attention_mask, gen.max_new_tokens, use_cache)
+        else:
+            decoder = opt.OPTDecoding(w, text, embeds, attention_mask, input_ids, gen.max_new_tokens, use_cache)
+        return decoder, gen, rng
 
     def trace(self, image, prompt=None):
         """{checkpoint path: NumPy array}: every intermediate of one forward pass on one image,
@@ -266,28 +293,32 @@ class Blip2:
         if isinstance(image, (list, tuple)):
             raise PromptError("stream takes one image; use caption for a list of images")
         pixel_values, input_ids, attention_mask, _ = self._caption_inputs([image], prompt)
-        embeds, input_ids, attention_mask, gen, rng = self._prepare_generation(
-            pixel_values, input_ids, attention_mask, seed, generator, interpolate_pos_encoding,
-            dict(max_new_tokens=max_new_tokens, **generation_kwargs))
+        decoder, gen, rng = self._prepare_generation(pixel_values, input_ids, attention_mask, seed, generator, use_cache,
+                                                      interpolate_pos_encoding,
+                                                      dict(max_new_tokens=max_new_tokens, **generation_kwargs))
         if gen.num_beams > 1 or gen.num_return_sequences > 1:
             raise PromptError("stream gives one text by greedy search or sampling: set num_beams=1 and "
                               "num_return_sequences=1 (use caption for beam search)")
         streamer = TextStreamer(self._need_processor().tokenizer)
-        streamer.put(to_numpy(input_ids))
-        w, text_config = self.weights["language_model"], self.config.text
-        for next_ids in sample_steps(embeds, input_ids, attention_mask, w, text_config, gen, rng, use_cache):
+        streamer.put(to_numpy(decoder.prompt_ids))
+        for next_ids in sample_steps(decoder, gen, rng):
             if piece := streamer.put(next_ids):
                 yield piece
         if piece := streamer.end():
             yield piece
 
-    # The processor's inputs for `caption`/`stream`, and where the generated text starts.
+    # The processor's inputs for `caption`/`stream`, and where the generated text starts: after
+    # the prompt for OPT, which continues it; at once for T5, whose decoder writes only new text.
     def _caption_inputs(self, images, prompt):
         prompts = None if prompt is None else [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
         inputs = self._need_processor()(images=images, text=prompts)
         if prompt is None:  # generate builds the image tokens + BOS itself
-            return inputs["pixel_values"], None, None, self.config.num_query_tokens + 1
-        return inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"], inputs["input_ids"].shape[1]
+            input_ids = attention_mask = None
+            prompt_length = self.config.num_query_tokens + 1
+        else:
+            input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+            prompt_length = input_ids.shape[1]
+        return inputs["pixel_values"], input_ids, attention_mask, 0 if self.config.text.is_encoder_decoder else prompt_length
 
     # --- input checks: one clear error instead of a shape error deep inside NumPy ---------
 
@@ -312,12 +343,19 @@ class Blip2:
             raise PromptError(f"attention_mask {attention_mask.shape} must have the shape of input_ids {input_ids.shape}")
         if B != self._check_pixels(pixel_values).shape[0]:
             raise PromptError(f"{B} prompts for {pixel_values.shape[0]} images: give one prompt per image")
-        vocab = self.config.text.vocab_size
-        if input_ids.min() < 0 or input_ids.max() >= vocab:
-            raise PromptError(f"input_ids must lie in [0, {vocab}); found {input_ids.min()}..{input_ids.max()}")
-        return input_ids, attention_mask
+        return self._check_ids(input_ids, "input_ids"), attention_mask
 
+    def _check_ids(self, ids, name):
+        ids = _as_int_array(ids, name)
+        vocab = self.config.text.vocab_size
+        if ids.min() < 0 or ids.max() >= vocab:
+            raise PromptError(f"{name} must lie in [0, {vocab}); found {ids.min()}..{ids.max()}")
+        return ids
+
+    # OPT's learned positions end at max_position_embeddings; T5's relative positions never end.
     def _check_length(self, prompt_length, max_new_tokens):
+        if self.config.text.is_encoder_decoder:
+            return
         limit = self.config.text.max_position_embeddings
         if prompt_length + max_new_tokens > limit:
             raise PromptError(
@@ -330,18 +368,16 @@ class Blip2:
 # checked against it and converted to `dtype` (the Q-Former kept float32 for float16, as
 # transformers keeps it), moved to `device` once ("cpu": NumPy, "cuda": CuPy), processor.
 def load(path, dtype="float32", progress=True, device="cpu"):
-    folder = Path(path)
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder} is not a folder; give the folder of a BLIP-2 checkpoint "
-                              "(config.json, *.safetensors, tokenizer files); see weights/README.md")
-    dtype = check_dtype(dtype)
-    xp = array_module(device)  # before reading 15 GB: a missing CuPy or GPU fails at once
+    folder = checkpoint_folder(path)
     config = read_config(folder)
-    if dtype == "float32":  # F32 files stay zero-copy memory maps
-        flat = load_checkpoint(folder, dtype=np.float32, progress=progress)
-    else:
-        flat = cast_weights(load_checkpoint(folder, dtype=None, progress=progress), dtype)
-    flat = check_weights(flat, expected_shapes(config), tied=TIED_WEIGHTS)
-    processor = load_processor(folder) if (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file() else None
-    weights = nest(flat) if device == "cpu" else to_device(nest(flat), xp)
+    dtype = check_dtype(dtype)
+    if dtype == "float16" and config.text.is_encoder_decoder:
+        raise CheckpointError(
+            f"{folder}: BLIP-2 Flan-T5 cannot run in float16: T5 was trained in bfloat16 and its activations "
+            "overflow float16's range (the BLIP-2 paper's checkpoints 'cannot be cast to float16'). "
+            "Use dtype='bfloat16' (or 'float32')")
+    keep = KEEP_IN_FLOAT32 if dtype == "float16" else ()
+    ignored = [f"language_model.{name}" for name in language_model(config).IGNORED_WEIGHTS]
+    weights = load_weights(folder, expected_shapes(config), tied_weights(config), ignored, dtype, keep, device, progress)
+    processor = load_processor(folder) if has_processor_files(folder) else None
     return Blip2(config, weights, processor)

@@ -13,8 +13,8 @@ import random
 import sys
 
 from . import shapes
-from .blip2 import load
 from .errors import MiniBlip2Error
+from .families import load
 from .runtime.device import DEVICES
 from .runtime.precision import DTYPES
 from .shapes.shipped import WEIGHTS_ENV, weights_folder

@@ -37,6 +37,17 @@ def layer_norm(x, w, eps):  # [..., D] -> [..., D]
     return like_weight((x - mean) / xp.sqrt(var + eps) * widen(w["weight"]) + widen(w["bias"]), w["weight"])
 
 
+# T5LayerNorm (RMSNorm): divide by the root mean square, with no mean subtracted and no bias.
+# The mean square is taken in float32; half inputs are rounded to the weight's dtype before the
+# scale and the product is rounded again, the two roundings T5LayerNorm makes.
+def rms_norm(x, w, eps):  # [..., D] -> [..., D]
+    xp = namespace(x)
+    x = x.astype(xp.float32, copy=False)
+    variance = xp.mean(x * x, axis=-1, keepdims=True)
+    normed = like_weight(x / xp.sqrt(variance + eps), w["weight"])
+    return like_weight(widen(w["weight"]) * normed, w["weight"])
+
+
 # torch.special.erfc for z >= 0: neither NumPy nor the array API has erf, so this is the
 # Chebyshev fit of Numerical Recipes (erfcc), fractional error < 1.2e-7: float32 precision.
 # Only z >= 0 is needed below, which spares the select (`where`) that negative z would need.
@@ -141,3 +152,13 @@ def split_heads(x, num_heads):  # [B, T, D] -> [B, H, T, K]
 def merge_heads(x):  # [B, H, T, K] -> [B, T, D]
     B, H, T, K = x.shape
     return x.transpose(0, 2, 1, 3).reshape(B, T, H * K)
+
+
+# The weights `linear` and `layer_norm` read, as {checkpoint name: shape}: what a tower lists in
+# its `expected_shapes` so that loading can check every key before the first product.
+def linear_shapes(prefix, n_out, n_in, bias=True):
+    return {f"{prefix}.weight": (n_out, n_in)} | ({f"{prefix}.bias": (n_out,)} if bias else {})
+
+
+def norm_shapes(prefix, n, bias=True):
+    return {f"{prefix}.weight": (n,)} | ({f"{prefix}.bias": (n,)} if bias else {})

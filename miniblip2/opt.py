@@ -14,11 +14,78 @@ D width (2560), H heads (32), K head width (80), F FFN width (10240), V vocabula
 
 from dataclasses import dataclass
 
-from .nn import ACTIVATIONS, attention, layer_norm, linear, merge_heads, namespace, split_heads
+from .errors import CheckpointError
+from .nn import (
+    ACTIVATIONS,
+    attention,
+    layer_norm,
+    linear,
+    linear_shapes,
+    merge_heads,
+    namespace,
+    norm_shapes,
+    split_heads,
+)
 from .runtime.precision import widen
 from .runtime.trace import PROBS, record
 
 POSITION_OFFSET = 2  # OPT's position table starts with 2 unused rows (a fairseq padding_idx relic)
+
+
+# OPTConfig (transformers 5.23 defaults: hub configs store only what differs).
+@dataclass(frozen=True)
+class OPTConfig:
+    vocab_size: int = 50272
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    ffn_dim: int = 3072
+    num_attention_heads: int = 12
+    max_position_embeddings: int = 2048
+    activation_function: str = "relu"
+    word_embed_proj_dim: int | None = None  # None: hidden_size
+    do_layer_norm_before: bool = True
+    enable_bias: bool = True
+    layer_norm_elementwise_affine: bool = True
+    tie_word_embeddings: bool = True
+    layer_norm_eps: float = 1e-5  # OPT uses nn.LayerNorm's default; no config key sets it
+    pad_token_id: int = 1
+    bos_token_id: int = 2
+    eos_token_id: int | tuple[int, ...] = 2
+    is_encoder_decoder = False  # a class constant, not a config field
+
+
+# The OPT variants this file runs: every released size but 350m (which projects its embeddings
+# and normalises after each block). Anything else is refused rather than run wrongly.
+def check_config(c):
+    for key, wanted in [("do_layer_norm_before", True), ("enable_bias", True), ("layer_norm_elementwise_affine", True),
+                        ("word_embed_proj_dim", c.hidden_size)]:
+        if getattr(c, key) not in (wanted, None):
+            raise CheckpointError(
+                f"text_config.{key} = {getattr(c, key)!r}: miniblip2 runs the OPT layout of blip2-opt-2.7b/6.7b "
+                f"({key} = {wanted!r}); this checkpoint's language model is not supported yet")
+
+
+# Every weight under `language_model.` with its shape, from the config alone.
+def expected_shapes(c):
+    D, F = c.hidden_size, c.ffn_dim
+    shapes = {"model.decoder.embed_tokens.weight": (c.vocab_size, D),
+              "model.decoder.embed_positions.weight": (c.max_position_embeddings + POSITION_OFFSET, D),
+              **norm_shapes("model.decoder.final_layer_norm", D), "lm_head.weight": (c.vocab_size, D)}
+    for i in range(c.num_hidden_layers):
+        layer = f"model.decoder.layers.{i}"
+        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            shapes |= linear_shapes(f"{layer}.self_attn.{name}", D, D)
+        shapes |= {**norm_shapes(f"{layer}.self_attn_layer_norm", D), **norm_shapes(f"{layer}.final_layer_norm", D),
+                   **linear_shapes(f"{layer}.fc1", F, D), **linear_shapes(f"{layer}.fc2", D, F)}
+    return shapes
+
+
+IGNORED_WEIGHTS = ()  # names a checkpoint may hold that the model does not use (see t5.py)
+
+
+# OPTForCausalLM._tied_weights_keys: the hub files leave lm_head out; it is the embedding matrix.
+def tied_weights(config):
+    return {"lm_head.weight": "model.decoder.embed_tokens.weight"}
 
 
 # DynamicCache, preallocated: one [B, H, capacity, K] buffer per layer for keys and for values,
@@ -117,3 +184,51 @@ def embed_tokens(input_ids, w):  # [B, T] -> [B, T, D]
 # OPTForCausalLM.lm_head: tied to embed_tokens in every OPT checkpoint; no bias.
 def lm_head(hidden, w):  # [B, T, D] -> [B, T, V]
     return record(w["lm_head"], linear(hidden, w["lm_head"]))
+
+
+# --- the decoder interface that generation/loops.py drives ---------------------------------
+
+# What a decoding step carries from one token to the next: the KV cache (None with
+# use_cache=False: then `embeds` holds every token so far and each step reruns them all) and the
+# attention mask over the prompt and the new tokens.
+@dataclass
+class OPTState:
+    cache: KVCache | None
+    embeds: object  # [R, S, D] without a cache; the last step's [R, 1, D] with one
+    attention_mask: object  # [R, S]
+
+
+class OPTDecoding:
+    """Decoder-only decoding: `start` runs the prompt's embeddings (the image's query outputs at
+    the `<image>` positions) once, `step` embeds each row's new id and runs only it, `reorder`
+    makes row i the old row rows[i] (beam search). The logits processors see `prompt_ids`, the
+    prompt as given, as transformers' do."""
+
+    def __init__(self, w, config, inputs_embeds, attention_mask, input_ids, max_new_tokens, use_cache=True):
+        self.w, self.config = w, config
+        self.inputs_embeds, self.max_new_tokens, self.use_cache = inputs_embeds, max_new_tokens, use_cache
+        self.prompt_ids, self.prompt_mask = input_ids, attention_mask  # [R, T] each
+
+    def start(self):  # -> logits [R, V] float32, state
+        xp = namespace(self.inputs_embeds)
+        R, T, _ = self.inputs_embeds.shape
+        dtype = self.inputs_embeds.dtype
+        cache = new_cache(self.config, R, T + self.max_new_tokens, dtype, xp) if self.use_cache else None
+        return self._logits(self.inputs_embeds, OPTState(cache, self.inputs_embeds, self.prompt_mask))
+
+    def step(self, next_ids, state):  # [R] -> logits [R, V] float32, state
+        xp = namespace(state.attention_mask)
+        new_embeds = embed_tokens(next_ids[:, None], self.w)  # [R, 1, D]
+        mask = xp.concat([state.attention_mask, xp.ones_like(state.attention_mask[:, :1])], axis=1)  # [R, S + 1]
+        embeds = new_embeds if state.cache is not None else xp.concat([state.embeds, new_embeds], axis=1)
+        return self._logits(new_embeds, OPTState(state.cache, embeds, mask))
+
+    def reorder(self, state, rows):  # rows [R]: the old row each new row continues
+        cache = reorder_cache(state.cache, rows) if state.cache is not None else None
+        return OPTState(cache, state.embeds[rows], state.attention_mask[rows])
+
+    def _logits(self, new_embeds, state):
+        xp = namespace(new_embeds)
+        inputs = new_embeds if state.cache is not None else state.embeds  # without a cache: all again
+        hidden = opt_decoder(inputs, state.attention_mask, self.w, self.config, state.cache)
+        return lm_head(hidden[:, -1:], self.w)[:, 0].astype(xp.float32), state  # [R, V]

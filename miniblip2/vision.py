@@ -9,13 +9,45 @@ Legend: B batch, C colour channels (3), P patch side (14 px), N patches (16 x 16
 """
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
 from .errors import ImageError
-from .nn import ACTIVATIONS, attention, layer_norm, linear, merge_heads, namespace
+from .nn import ACTIVATIONS, attention, layer_norm, linear, linear_shapes, merge_heads, namespace, norm_shapes
 from .runtime.precision import widen
 from .runtime.trace import PROBS, record
+
+
+# Blip2VisionConfig (transformers 5.23 defaults: hub configs store only what differs).
+@dataclass(frozen=True)
+class VisionConfig:
+    hidden_size: int = 1408
+    intermediate_size: int = 6144
+    num_hidden_layers: int = 39
+    num_attention_heads: int = 16
+    image_size: int = 224
+    patch_size: int = 14
+    num_channels: int = 3
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-6  # old full configs say 1e-5 explicitly; an explicit value wins
+    qkv_bias: bool = True
+
+
+# Every weight under `vision_model.` with its shape, from the config alone.
+def expected_shapes(c):
+    D, F, P = c.hidden_size, c.intermediate_size, c.patch_size
+    shapes = {"embeddings.class_embedding": (1, 1, D),
+              "embeddings.position_embedding": (1, (c.image_size // P) ** 2 + 1, D),
+              "embeddings.patch_embedding.weight": (D, c.num_channels, P, P),
+              "embeddings.patch_embedding.bias": (D,), **norm_shapes("post_layernorm", D)}
+    for i in range(c.num_hidden_layers):
+        layer = f"encoder.layers.{i}"
+        shapes |= {**norm_shapes(f"{layer}.layer_norm1", D), **norm_shapes(f"{layer}.layer_norm2", D),
+                   **linear_shapes(f"{layer}.self_attn.qkv", 3 * D, D, bias=c.qkv_bias),
+                   **linear_shapes(f"{layer}.self_attn.projection", D, D),
+                   **linear_shapes(f"{layer}.mlp.fc1", F, D), **linear_shapes(f"{layer}.mlp.fc2", D, F)}
+    return shapes
 
 
 # nn.Conv2d(C, D, kernel_size=P, stride=P): a convolution whose stride equals its kernel is one

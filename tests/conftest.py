@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import VOCAB_SIZE, tiny_config, tiny_model
+from tiny import VOCAB_SIZE, tiny_config, tiny_model, tiny_t5_config
 
 import miniblip2
-from miniblip2 import blip2 as model
-from miniblip2 import cli
+from miniblip2 import cli, families
 from miniblip2.testing.tiny_tokenizer import build_tiny_processor_files, build_tiny_tokenizer
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
@@ -27,6 +26,13 @@ CONFIGS = {
                                num_attention_heads=2), text=dict(hidden_size=33, num_attention_heads=3, ffn_dim=29)),
     "small-patches": tiny_config(vision=dict(image_size=28, patch_size=4, num_hidden_layers=3),
                                  qformer=dict(num_hidden_layers=2), num_query_tokens=3),
+}
+# BLIP-2 with Flan-T5: gated-GELU with its own lm_head (as Flan-T5), and a plain ReLU T5 with the
+# lm_head tied to the embeddings (the d_model ** -0.5 rescale), cross-attention in every layer.
+T5_CONFIGS = {
+    "gated-untied": tiny_t5_config(),
+    "relu-tied": tiny_t5_config(qformer=dict(cross_attention_frequency=1),
+                                text=dict(feed_forward_proj="relu", tie_word_embeddings=True, d_kv=9, num_heads=3)),
 }
 # (layout, dtype on disk): one file or several shards, fp32 / fp16 / bf16.
 LAYOUTS = [("single", torch.float32), ("sharded", torch.float32), ("single", torch.float16),
@@ -58,6 +64,21 @@ def checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def t5_checkpoint(tmp_path_factory):
+    """t5_checkpoint(config_name, layout, dtype) -> folder of a tiny BLIP-2 Flan-T5, once per session."""
+    made = {}
+
+    def make(name="gated-untied", layout="single", dtype=torch.float32):
+        key = (name, layout, dtype)
+        if key not in made:
+            folder = tmp_path_factory.mktemp(f"t5-{name}-{layout}-{str(dtype)[6:]}")
+            made[key] = save_checkpoint(tiny_model(T5_CONFIGS[name]), folder, layout, dtype)
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def talking_checkpoint(tmp_path_factory):
     """A tiny checkpoint with tokenizer and processor files, so that caption/stream take images."""
     folder = tmp_path_factory.mktemp("tiny-with-tokenizer")
@@ -79,13 +100,13 @@ def default_device():
         return
     from miniblip2.runtime.device import array_module
     array_module(TEST_DEVICE)  # a missing CuPy or GPU stops the run here, with the reason
-    load = model.load
+    load = families.load
 
     def load_on_test_device(path, dtype="float32", progress=True, device=TEST_DEVICE):
         return load(path, dtype, progress, device)
 
     with pytest.MonkeyPatch.context() as patch:
-        for module in (miniblip2, model, cli):
+        for module in (miniblip2, families, cli):
             patch.setattr(module, "load", load_on_test_device)
         yield TEST_DEVICE
 

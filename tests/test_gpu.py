@@ -178,26 +178,21 @@ SPIN = r'''extern "C" __global__ void spin(long long cycles) {
 def test_a_decoding_step_never_waits_for_the_gpu(checkpoint, dtype):
     import cupy
 
-    from miniblip2.generation.loops import next_token_logits
     from miniblip2.generation.processors import greedy_choice, process_logits
-    from miniblip2.opt import embed_tokens, new_cache
     ours = miniblip2.load(checkpoint(), dtype=dtype, device="cuda")
     pixels = image_batch(ours.config, 2, seed=5)
     ids, mask = prompts(ours.config, [2, 5], seed=6)
-    embeds, input_ids, attention_mask, gen, _ = ours._prepare_generation(
-        pixels, ids, mask, None, None, False, dict(max_new_tokens=5, repetition_penalty=1.2, no_repeat_ngram_size=2))
-    xp, w, config = ours.xp, ours.weights["language_model"], ours.config.text
-    cache = new_cache(config, len(ids), ids.shape[1] + 5, embeds.dtype, xp)
+    decoder, gen, _ = ours._prepare_generation(pixels, ids, mask, None, None, True, False,
+                                               dict(max_new_tokens=5, repetition_penalty=1.2, no_repeat_ngram_size=2))
+    xp, input_ids = ours.xp, decoder.prompt_ids
     spin = cupy.RawKernel(SPIN, "spin")
-    new_embeds = embeds
+    logits, state = decoder.start()
     for step in range(4):
         if step == 3:
             spin((1,), (1,), (np.int64(2_000_000_000),))  # about a second at 2 GHz
-        logits = next_token_logits(new_embeds, embeds, attention_mask, w, config, cache)
         next_ids = greedy_choice(process_logits(input_ids, logits, gen, ids.shape[1], None))
         input_ids = xp.concat([input_ids, next_ids[:, None]], axis=1)
-        attention_mask = xp.concat([attention_mask, xp.ones_like(attention_mask[:, :1])], axis=1)
-        new_embeds = embed_tokens(next_ids[:, None], w)
+        logits, state = decoder.step(next_ids, state)
         if step == 3:
             assert not cupy.cuda.get_current_stream().done, "the step waited for the GPU"
         to_numpy(next_ids)

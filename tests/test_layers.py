@@ -17,7 +17,7 @@ from transformers.models.blip_2 import modeling_blip_2 as ref
 from transformers.models.opt import modeling_opt as ref_opt
 
 from miniblip2 import nn as mnn
-from miniblip2.checkpoint.config import config_from_dict
+from miniblip2.blip2 import config_from_dict
 from miniblip2.opt import causal_mask, opt_layer, position_ids
 from miniblip2.qformer import qformer_layer
 from miniblip2.vision import bicubic_matrix, interpolate_positions, patch_embed, vit_layer

@@ -15,7 +15,11 @@ from transformers import Blip2Processor
 
 from miniblip2.checkpoint.processor import load_processor
 from miniblip2.errors import CheckpointError, PromptError
-from miniblip2.testing.tiny_tokenizer import build_tiny_processor_files, build_tiny_tokenizer
+from miniblip2.testing.tiny_tokenizer import (
+    build_tiny_processor_files,
+    build_tiny_t5_tokenizer,
+    build_tiny_tokenizer,
+)
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "blip2-opt-2.7b"
 needs_reference = pytest.mark.skipif(not REFERENCE.is_dir(), reason="../shared/reference is not beside the repo")
@@ -169,3 +173,88 @@ def test_bad_calls(tiny_folder):
         ours(text=["a", 3])
     with pytest.raises(PromptError, match="non-empty list"):
         ours(text=[])
+
+
+# ---------------------------------------------------------------------------------------------
+# Flan-T5 checkpoints: the real blip2-flan-t5-xl files, then a tiny T5 folder (no ../shared).
+
+T5_REFERENCE = REFERENCE.parent / "blip2-flan-t5-xl"
+needs_t5_reference = pytest.mark.skipif(not T5_REFERENCE.is_dir(), reason=f"{T5_REFERENCE} is absent")
+
+
+@pytest.fixture(scope="module")
+def hf_t5():
+    return Blip2Processor.from_pretrained(T5_REFERENCE, backend="pil")
+
+
+@pytest.fixture(scope="module")
+def ours_t5():
+    return load_processor(T5_REFERENCE)
+
+
+@needs_t5_reference
+def test_t5_settings_and_single_prompt(hf_t5, ours_t5):
+    assert (ours_t5.num_query_tokens, ours_t5.image_token_id, ours_t5.padding_side) == (32, 32100, "right")
+    got = ours_t5(images=images(1), text=PROMPTS[0])
+    assert_same(got, hf_call(hf_t5, images=images(1), text=PROMPTS[0]))
+    # 32 x <image>, then the prompt, then </s> (1); no BOS.
+    assert got["input_ids"][0].tolist() == [32100] * 32 + [11860, 10, 84, 690, 19, 48, 58, 11801, 10, 1]
+
+
+@needs_t5_reference
+@pytest.mark.parametrize("side", ["left", "right", None])
+def test_t5_batched_prompts_of_different_lengths(hf_t5, ours_t5, side):
+    # None: our default (right, from config.json) against transformers' default (right).
+    got = ours_t5(images=images(4), text=PROMPTS, padding_side=side)
+    expected = hf_call(hf_t5, side, images=images(4), text=PROMPTS) if side else dict(
+        hf_t5(images=images(4), text=PROMPTS, padding=True, return_tensors="np"))
+    assert_same(got, expected)
+    assert_same(ours_t5(text=PROMPTS, padding_side=side), hf_call(hf_t5, side or "right", text=PROMPTS))
+    assert got["input_ids"].shape == (4, 32 + max(len(ours_t5.tokenizer.encode(p)) for p in PROMPTS))
+
+
+@needs_t5_reference
+def test_t5_default_is_right_padding(ours_t5):
+    # Pads (0) after </s>, so the prompt follows the image tokens directly, as when unpadded.
+    got = ours_t5(images=images(2), text=["a b c", "a"])
+    assert got["input_ids"][1, 30:].tolist() == [32100, 32100, 3, 9, 1, 0, 0, 0, 0]  # "a b c": 7 ids, "a": 3
+    assert got["attention_mask"][1, 30:].tolist() == [1, 1, 1, 1, 1, 0, 0, 0, 0]
+
+
+@pytest.fixture(scope="module")
+def tiny_t5_folder(tmp_path_factory):
+    # As the tiny Flan-T5 checkpoints are built: text vocab_size 160, image_token_index 159.
+    folder = tmp_path_factory.mktemp("tiny-t5-processor")
+    build_tiny_t5_tokenizer(folder, 160)
+    build_tiny_processor_files(folder, image_size=30, num_query_tokens=4)
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "blip-2", "image_token_index": 159, "num_query_tokens": 4,
+        "text_config": {"model_type": "t5", "vocab_size": 160}, "use_decoder_only_language_model": False}))
+    return folder
+
+
+@pytest.mark.parametrize("side", ["left", "right", None])
+def test_tiny_t5_folder_matches_blip2_processor(tiny_t5_folder, side):
+    hf = Blip2Processor.from_pretrained(tiny_t5_folder, backend="pil")
+    ours = load_processor(tiny_t5_folder)
+    assert (ours.num_query_tokens, ours.image_token_id, ours.tokenizer.vocab_size) == (4, 159, 160)
+    prompts = ["a woman sitting on the beach", "Question: what is this? Answer:", "\n", "x <image> y"]
+    got = ours(images=images(4), text=prompts, padding_side=side)
+    assert got["pixel_values"].shape == (4, 3, 30, 30)
+    assert_same(got, hf_call(hf, side or "right", images=images(4), text=prompts))
+    if side != "left":  # right: the prompt ("\n" is just </s>) follows the image ids directly
+        assert got["input_ids"][2].tolist()[:6] == [159] * 4 + [1, 0]
+
+
+def test_padding_side_follows_the_language_model(tiny_t5_folder, tmp_path):
+    folder = copy_folder(tiny_t5_folder, tmp_path / "f")
+    config = json.loads((folder / "config.json").read_text())
+    cases = [({**config, "use_decoder_only_language_model": True}, "left"),  # the flag wins
+             ({k: v for k, v in config.items() if k != "use_decoder_only_language_model"}, "right"),
+             ({"image_token_index": 159, "num_query_tokens": 4, "text_config": {"model_type": "opt"}}, "left"),
+             ({"image_token_index": 159, "num_query_tokens": 4}, "left")]  # Blip2Config's default: OPT
+    for content, side in cases:
+        (folder / "config.json").write_text(json.dumps(content))
+        assert load_processor(folder).padding_side == side, content
+    (folder / "config.json").unlink()
+    assert load_processor(folder).padding_side == "left"

@@ -14,7 +14,7 @@ import pytest
 
 import miniblip2
 from miniblip2 import cli, shapes
-from miniblip2.checkpoint.config import read_config
+from miniblip2.blip2 import read_config
 from miniblip2.checkpoint.tokenizer import load_tokenizer
 from miniblip2.shapes import shipped
 

@@ -15,7 +15,7 @@ from test_parity import image_batch, prompts, reference
 from tiny import EOS_TOKEN
 
 import miniblip2
-from miniblip2.blip2 import TIED_WEIGHTS
+from miniblip2.blip2 import tied_weights
 from miniblip2.checkpoint.safetensors import load_checkpoint
 from miniblip2.runtime.device import to_numpy
 from miniblip2.runtime.trace import PROBS, recording, trace_forward
@@ -54,7 +54,7 @@ def traced(request, checkpoint):
 def test_names_are_the_checkpoint_paths(traced):
     folder, model, *_, t = traced
     assert set(t) == expected_names(model.config)
-    keys = [*load_checkpoint(folder), *TIED_WEIGHTS]  # lm_head.weight: tied, so save_pretrained leaves it out
+    keys = [*load_checkpoint(folder), *tied_weights(model.config)]  # lm_head.weight: tied, so save_pretrained leaves it out
     for name in t:  # minus the documented suffix, each name is a module whose weights the file holds
         module = name.removesuffix(PROBS)
         assert any(key.startswith(module + ".") for key in keys), name

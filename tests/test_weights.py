@@ -518,3 +518,24 @@ def test_transformers_checkpoint_loads_checks_and_round_trips(tiny_blip2, tmp_pa
     again = transformers.Blip2ForConditionalGeneration.from_pretrained(tmp_path)
     for name, tensor in again.state_dict().items():
         assert same_bits(tensor.numpy(), state[name]), name
+
+
+def test_a_pytorch_model_bin_folder_loads_through_the_allowlist_reader(checkpoint, tmp_path):
+    """A folder with only pytorch_model.bin (as some BLIP checkpoints are on the hub) loads through
+    checkpoint/torch_bin.py and gives the same model as its safetensors twin, bit for bit."""
+    import shutil
+
+    import torch
+    from test_parity import image_batch, prompts
+    from transformers import Blip2ForConditionalGeneration
+
+    import miniblip2
+    folder = checkpoint()
+    shutil.copy(folder / "config.json", tmp_path / "config.json")
+    state = Blip2ForConditionalGeneration.from_pretrained(folder).state_dict()
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    assert "language_model.lm_head.weight" in state  # the .bin keeps the tied head, as old uploads do
+    ours, twin = miniblip2.load(tmp_path), miniblip2.load(folder)
+    pixels = image_batch(ours.config, 2, seed=1)
+    ids, mask = prompts(ours.config, [2, 5], seed=2)
+    np.testing.assert_array_equal(ours.forward(pixels, ids, mask), twin.forward(pixels, ids, mask))

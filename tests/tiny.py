@@ -40,3 +40,25 @@ def tiny_model(config=None, seed=0):
             else:
                 p.copy_(0.2 * torch.randn_like(p))
     return model
+
+
+# BLIP-2 with Flan-T5, tiny: the same vision and Q-Former, a T5 whose every width differs
+# (5 heads x d_kv 7 = 35 != d_model 36: T5 allows an inner width of its own, and so must we),
+# 2 encoder and 2 decoder layers (transformers' generate sizes its cache by the encoder's count,
+# so different counts fail there; tests/test_t5.py checks them against its own cache), few
+# relative-position buckets so that short prompts already reach the logarithmic ones.
+T5_VOCAB_SIZE = 160
+T5_IMAGE_TOKEN = T5_VOCAB_SIZE - 1  # <image> is the last id, as 32100 is in blip2-flan-t5-xl
+T5_EOS, T5_PAD = 1, 0
+
+
+def tiny_t5_config(vision=None, qformer=None, text=None, num_query_tokens=5):
+    text_config = dict(model_type="t5", vocab_size=T5_VOCAB_SIZE, d_model=36, d_kv=7, d_ff=29, num_layers=2,
+                       num_decoder_layers=2, num_heads=5, feed_forward_proj="gated-gelu",
+                       relative_attention_num_buckets=8, relative_attention_max_distance=20,
+                       tie_word_embeddings=False, bos_token_id=T5_EOS, eos_token_id=T5_EOS, pad_token_id=T5_PAD,
+                       decoder_start_token_id=T5_PAD)
+    config = tiny_config(vision, qformer, num_query_tokens=num_query_tokens)
+    return Blip2Config(vision_config=config.vision_config.to_dict(), qformer_config=config.qformer_config.to_dict(),
+                       text_config=text_config | (text or {}), num_query_tokens=num_query_tokens,
+                       image_token_index=T5_IMAGE_TOKEN)

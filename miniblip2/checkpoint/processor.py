@@ -4,21 +4,30 @@ Mirrors transformers' `Blip2Processor` (models/blip_2/processing_blip_2.py) call
 `processor(images=..., text=..., padding=True)`:
 
     pixel_values    [B, 3, 224, 224] float32   image.preprocess
-    input_ids       [B, 32 + T] int64          32 x <image> (50265), then the prompt as the
-                                               tokenizer gives it: </s> (2) first, padded with 1
+    input_ids       [B, 32 + T] int64          32 x <image>, then the prompt as the tokenizer
+                                               gives it, padded:
+                                                 OPT: <image> 50265, </s> (2) first, pad 1
+                                                 T5:  <image> 32100, </s> (1) last, pad 0
     attention_mask  [B, 32 + T] int64          0 on padding, 1 elsewhere
 
 The 32 `<image>` ids are placeholders: the model overwrites their embeddings with the 32 Q-Former
-query outputs (projected to OPT's width). Upstream pads the prompts first and only then puts the
-image ids in front, so with left padding the pads sit *between* the image ids and `</s>`:
+query outputs (projected to the language model's width). Upstream pads the prompts first and only
+then puts the image ids in front, so with left padding the pads sit *between* the image ids and
+the prompt:
 
-    left:   <image> x 32, <pad>, <pad>, </s>, Question, :, ...
-    right:  <image> x 32, </s>, Question, :, ..., <pad>, <pad>
+    left:   <image> x 32, <pad>, <pad>, </s>, Question, :, ...      (OPT's default here)
+    right:  <image> x 32, Question, :, ..., </s>, <pad>, <pad>      (T5's default; transformers')
 
-That gap is harmless: OPT takes positions from the cumulative sum of attention_mask, so the
-prompt's positions continue right after the image tokens either way.
+The default side follows the checkpoint's language model (config.json, see read_padding_side):
+- OPT, decoder-only: left. Generation appends to every row, so each row's last token must be
+  real. The gap is harmless: OPT takes positions from the cumulative sum of attention_mask, so
+  the prompt's positions continue right after the image tokens either way.
+- Flan-T5, encoder-decoder: right, as transformers pads. The encoder reads the prompt once and
+  the decoder starts afresh, so nothing is appended; and T5's relative position buckets depend
+  on the distance between tokens, so a gap of pads between the image tokens and the prompt
+  would change the encoding, while pads at the end (masked out) leave it as unpadded.
 
-Legend: B images = prompts, T prompt tokens incl. BOS, Q num_query_tokens (32).
+Legend: B images = prompts, T prompt tokens incl. BOS (OPT) or EOS (T5), Q num_query_tokens (32).
 """
 
 from dataclasses import dataclass
@@ -37,17 +46,20 @@ class Processor:
     image_config: ImageConfig
     tokenizer: Tokenizer
     num_query_tokens: int  # Q = 32: one <image> id per Q-Former query
-    image_token_id: int  # 50265
+    image_token_id: int  # OPT 50265, T5 32100
+    padding_side: str = "left"  # the default: "left" for OPT, "right" for T5 (read_padding_side)
 
     # `Blip2Processor.__call__(images, text, padding=True, padding_side=...)`.
-    def __call__(self, images=None, text=None, padding_side: str = "left") -> dict[str, np.ndarray]:
+    def __call__(self, images=None, text=None, padding_side: str | None = None) -> dict[str, np.ndarray]:
         """images: one image or a list (see image.load_image); text: one prompt or a list, one per
         image. Returns pixel_values if images are given, input_ids and attention_mask if text is.
 
-        padding_side defaults to "left", what generation needs (every row's last token is then
-        real, so new tokens follow the prompt directly); transformers' tokenizer defaults to
-        "right". Both are supported and match Blip2Processor given the same side.
+        padding_side defaults to the checkpoint's (self.padding_side): "left" for OPT, what
+        generation needs (every row's last token is then real, so new tokens follow the prompt
+        directly); "right" for Flan-T5, transformers' default for both. Both sides are
+        supported and match Blip2Processor given the same side.
         """
+        padding_side = self.padding_side if padding_side is None else padding_side
         if images is None and text is None:
             raise PromptError("give images, text or both.")
         if padding_side not in ("left", "right"):
@@ -64,7 +76,7 @@ class Processor:
 
     # The tokenizer half of Blip2Processor.__call__: encode, pad, then the image ids in front.
     def text_inputs(self, prompts: list[str], with_images: bool, padding_side: str) -> dict[str, np.ndarray]:
-        rows = [self.tokenizer.encode(prompt) for prompt in prompts]  # B x [T_b]: [2, ...]
+        rows = [self.tokenizer.encode(prompt) for prompt in prompts]  # B x [T_b]: OPT [2, ...], T5 [..., 1]
         input_ids, attention_mask = pad(rows, self.tokenizer.pad_token_id, padding_side)  # [B, T]
         if with_images:
             input_ids, attention_mask = prepend_image_tokens(
@@ -96,7 +108,7 @@ def describe(value) -> str:
     return f"a {type(value).__name__}"
 
 
-# The tokenizer's `pad(padding=True)`: every row to the longest, pad id 1, mask 0 on padding.
+# The tokenizer's `pad(padding=True)`: every row to the longest, pad id (OPT 1, T5 0), mask 0 on padding.
 def pad(rows: list[list[int]], pad_token_id: int, side: str) -> tuple[np.ndarray, np.ndarray]:
     length = max(len(row) for row in rows)  # T
     input_ids = np.full((len(rows), length), pad_token_id, dtype=np.int64)  # [B, T]
@@ -108,7 +120,7 @@ def pad(rows: list[list[int]], pad_token_id: int, side: str) -> tuple[np.ndarray
     return input_ids, attention_mask
 
 
-# The "hacky manipulation" in Blip2Processor.__call__: Q image ids, unpadded and without BOS,
+# The "hacky manipulation" in Blip2Processor.__call__: Q image ids, unpadded and without BOS or EOS,
 # go in front of every (already padded) row; their mask is 1.
 def prepend_image_tokens(input_ids: np.ndarray, attention_mask: np.ndarray, image_token_id: int,
                          num_query_tokens: int) -> tuple[np.ndarray, np.ndarray]:
@@ -124,10 +136,42 @@ def load_processor(folder) -> Processor:
     if not folder.is_dir():
         raise CheckpointError(f"{folder} is not a folder; give the checkpoint folder with the "
                               "tokenizer and preprocessor files.")
-    tokenizer = with_image_token(load_tokenizer(folder))  # Blip2Processor.__init__ adds a missing <image>
+    tokenizer = with_image_token(load_tokenizer(folder))  # Blip2Processor.__init__ (re)adds <image> as special
     return Processor(image_config=read_image_config(folder), tokenizer=tokenizer,
                      num_query_tokens=read_num_query_tokens(folder),
-                     image_token_id=read_image_token_id(folder, tokenizer))
+                     image_token_id=read_image_token_id(folder, tokenizer),
+                     padding_side=read_padding_side(folder))
+
+
+# Whether the folder has the files load_processor needs beyond the model's: a tokenizer.
+def has_processor_files(folder) -> bool:
+    folder = Path(folder)
+    return any((folder / name).is_file() for name in ("tokenizer.json", "vocab.json", "vocab.txt"))
+
+
+# Blip2Processor for the Q-Former's own text (blip2-itm-vit-g): BERT's tokenizer, padding on the
+# right as BertTokenizer does, and image placeholders in front only if the model strips them
+# (config.json image_token_index). blip2-itm-vit-g has no image_token_index and no
+# processor_config.json, so upstream puts none either; the model's config decides here, so that
+# the processor and the model cannot disagree.
+def load_retrieval_processor(folder, num_query_tokens: int, image_token_index: int | None) -> Processor:
+    tokenizer = with_image_token(load_tokenizer(folder))  # Blip2Processor.__init__ adds <image> (30523)
+    return Processor(image_config=read_image_config(folder), tokenizer=tokenizer,
+                     num_query_tokens=0 if image_token_index is None else num_query_tokens,
+                     image_token_id=tokenizer.image_token_id if image_token_index is None else image_token_index,
+                     padding_side="right")
+
+
+# The default padding side, from config.json: "left" before a decoder-only language model (OPT),
+# "right" before an encoder-decoder one (T5). Blip2Config stores use_decoder_only_language_model;
+# a config without it is told by text_config.model_type, whose default is "opt", and so is a
+# folder with no config.json.
+def read_padding_side(folder: Path) -> str:
+    config = read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
+    decoder_only = config.get("use_decoder_only_language_model")
+    if decoder_only is None:
+        decoder_only = (config.get("text_config") or {}).get("model_type", "opt") != "t5"
+    return "left" if decoder_only else "right"
 
 
 # processor_config.json {"num_query_tokens": 32}, else the model's config.json (older folders).

@@ -1,9 +1,10 @@
-"""Tokenizer: prompt text <-> token ids, the OPT byte-level BPE that blip2-opt-2.7b uses.
+"""Tokenizer: prompt text <-> token ids, for both BLIP-2 language models.
 
-Mirrors transformers' `GPT2Tokenizer` (models/gpt2/tokenization_gpt2.py, on the
-`TokenizersBackend` of tokenization_utils_tokenizers.py) as `Blip2Processor` uses it. The BPE
-itself runs in Hugging Face's `tokenizers` library, as it does in transformers; this file only
-assembles the same pipeline from the checkpoint's files:
+The pieces themselves run in Hugging Face's `tokenizers` library, as they do in transformers;
+this file only assembles the same pipeline from the checkpoint's files. Two families:
+
+OPT (blip2-opt-2.7b), a byte-level BPE, mirrors transformers' `GPT2Tokenizer`
+(models/gpt2/tokenization_gpt2.py, on the `TokenizersBackend` of tokenization_utils_tokenizers.py):
 
     text -> added tokens split out ("<image>", "</s>", "<pad>" are matched as whole strings)
          -> ByteLevel pre-tokenizer (GPT-2 regex; every byte becomes a printable character,
@@ -17,14 +18,53 @@ Quirks of the OPT files (CHECKPOINTS.md 1.3): BOS and EOS are the same token `</
 token after the 50,265 BPE entries. The model's own EOS for generation is "\\n" (50118) and
 lives in its config, not here.
 
+Flan-T5 (blip2-flan-t5-xl), a SentencePiece Unigram, mirrors transformers' `T5Tokenizer`
+(models/t5/tokenization_t5.py), which keeps tokenizer.json's pieces and scores but not its pipeline:
+
+    text -> added tokens split out ("</s>", "<pad>", "<extra_id_0>", "<image>", ...)
+         -> Precompiled normalizer (SentencePiece's NFKC table, from tokenizer.json)
+         -> WhitespaceSplit, then Metaspace: each word gets "▁" in front; no whitespace is left
+         -> Unigram: the most probable split into the 32,100 pieces -> ids
+         -> post-processor: "$A </s>", i.e. no BOS, EOS id 1 appended
+    ids  -> Metaspace decoder ("▁" -> " ", the first one dropped) -> text
+
+Quirks of the T5 files: PAD `<pad>` = 0 (also the decoder's start token), EOS `</s>` = 1, UNK
+`<unk>` = 2, the 100 sentinels `<extra_id_99>` .. `<extra_id_0>` are ids 32000 .. 32099 (in that
+reverse order), and `<image>` = 32100 comes only from added_tokens.json. spiece.model is not
+needed. The model has 32,128 rows; the last 27 have no token.
+
+BERT (blip2-itm-vit-g, the Q-Former's text), a WordPiece, mirrors transformers' `BertTokenizer`
+(models/bert/tokenization_bert.py), built from vocab.txt (these folders have no tokenizer.json):
+
+    text -> added tokens split out ("[CLS]", "[SEP]", "[PAD]", "[MASK]", "[UNK]", "[DEC]", as typed)
+         -> BertNormalizer: control characters dropped, CJK characters spaced apart, lower case,
+            accents stripped (because lower case is on and strip_accents is unset)
+         -> BertPreTokenizer: split on whitespace and around every punctuation character
+         -> WordPiece: greedy longest match from the left, later pieces "##"-prefixed; a word
+            with no match (or over 100 characters) becomes [UNK] -> ids
+         -> post-processor: "[CLS] $A [SEP]", i.e. 101 first and 102 last
+    ids  -> WordPiece decoder ("##" pieces joined), then clean_up_tokenization (its config says so)
+
+Quirks of the BLIP-2 ITM files (CHECKPOINTS.md 7.4): 30,522 BERT entries plus `[DEC]` = 30522, the
+BOS token of BLIP's decoder, from added_tokens.json, so the Q-Former's 30,523 rows are all used;
+[PAD] = 0, [UNK] = 100, [CLS] = 101, [SEP] = 102 (BERT has no EOS: [SEP] stands in), [MASK] = 103.
+
 Legend: B prompts in a batch, T tokens.
 """
 
-from dataclasses import dataclass
+import base64
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
+from tokenizers import (
+    AddedToken,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+)
 from tokenizers import Tokenizer as Backend
 
 from ..errors import CheckpointError, PromptError
@@ -35,34 +75,37 @@ IMAGE_TOKEN = "<image>"
 
 @dataclass(frozen=True)
 class Tokenizer:
-    backend: Backend  # the `tokenizers` pipeline: merges, pre-tokenizer, decoder, post-processor
-    bos_token_id: int  # 2 = "</s>": OPT starts every text with it
-    eos_token_id: int  # 2 = "</s>" (the tokenizer's; generation stops at "\n" = 50118 instead)
-    pad_token_id: int  # 1 = "<pad>"
-    image_token_id: int | None  # 50265 = "<image>", None if the files have no such token
+    backend: Backend  # the `tokenizers` pipeline: model, normalizer, pre-tokenizer, decoder, post-processor
+    bos_token_id: int | None  # OPT: 2 = "</s>", first in every text; T5: None, it has no BOS
+    eos_token_id: int  # OPT: 2 = "</s>" (generation stops at "\n" = 50118 instead); T5: 1 = "</s>"
+    pad_token_id: int  # OPT: 1 = "<pad>"; T5: 0 = "<pad>"
+    image_token_id: int | None  # OPT: 50265, T5: 32100 = "<image>"; None if the files have no such token
+    clean_up_spaces: bool = False  # tokenizer_config.json clean_up_tokenization_spaces; false for both
 
     @property
     def vocab_size(self) -> int:
-        """All ids, added tokens included: 50266 for blip2-opt-2.7b (the model has 50304 rows)."""
+        """All ids, added tokens included: 50266 for blip2-opt-2.7b (the model has 50304 rows),
+        32101 for blip2-flan-t5-xl (the model has 32128)."""
         return self.backend.get_vocab_size(with_added_tokens=True)
 
-    # `GPT2Tokenizer.__call__(text)["input_ids"]`: BOS first, as the processor gives it.
+    # `tokenizer(text)["input_ids"]`, as the processor gives it: OPT puts BOS first, T5 EOS last.
     def encode(self, text: str) -> list[int]:
         if not isinstance(text, str):
             raise PromptError(f"a prompt must be a str, not {type(text).__name__}.")
         try:
-            return self.backend.encode(text).ids  # [T]: [2, ...]
+            return self.backend.encode(text).ids  # [T]: OPT [2, ...], T5 [..., 1]
         except Exception as err:  # e.g. lone surrogates ("\ud800") that are not valid UTF-8
             raise PromptError(f"the prompt could not be tokenized ({err}); it must be valid "
                               "Unicode text (no lone surrogate characters).") from err
 
-    # `GPT2Tokenizer.decode`: the backend's decode; clean_up_tokenization_spaces is false on OPT.
-    # Ids past the vocabulary (the model's 38 padding rows, 50266..50303) decode to nothing, as
-    # in transformers; negative ids are an error.
+    # `TokenizersBackend._decode`: the backend's decode, then the optional clean-up (off for both
+    # BLIP-2 tokenizers). Ids past the vocabulary (the model's padding rows, OPT 50266..50303,
+    # T5 32101..32127) decode to nothing, as in transformers; negative ids are an error.
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return self.backend.decode(id_list(ids), skip_special_tokens=skip_special_tokens)
+        text = self.backend.decode(id_list(ids), skip_special_tokens=skip_special_tokens)
+        return clean_up_tokenization(text) if self.clean_up_spaces else text
 
-    # `GPT2Tokenizer.batch_decode`: ids [B, T] (array or list of lists) -> B strings.
+    # `batch_decode`: ids [B, T] (array or list of lists) -> B strings.
     def batch_decode(self, ids, skip_special_tokens: bool = True) -> list[str]:
         if not isinstance(ids, (list, tuple, np.ndarray)) or (isinstance(ids, np.ndarray) and ids.ndim != 2):
             raise PromptError(f"batch_decode takes ids of shape [batch, tokens] (a 2-D array or a list of "
@@ -84,12 +127,25 @@ def id_list(ids) -> list[int]:
     return [int(i) for i in ids]
 
 
-# `AutoTokenizer.from_pretrained(folder)` for the OPT files.
+# `PreTrainedTokenizerBase.clean_up_tokenization`: the spaces a WordPiece decoder leaves before
+# punctuation and English contractions. Only used when tokenizer_config.json asks for it.
+def clean_up_tokenization(text: str) -> str:
+    for spaced, joined in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                           (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(spaced, joined)
+    return text
+
+
+# `AutoTokenizer.from_pretrained(folder)`: tokenizer_config.json's tokenizer_class picks the family.
 def load_tokenizer(folder) -> Tokenizer:
     folder = Path(folder)
     special = special_token_names(folder)  # {"bos_token": "</s>", ...}
+    if special.get("tokenizer_class") in ("T5Tokenizer", "T5TokenizerFast"):
+        return load_t5_tokenizer(folder, special)
+    if special.get("tokenizer_class") in ("BertTokenizer", "BertTokenizerFast"):
+        return load_bert_tokenizer(folder, special)
     backend = backend_from_files(folder, special)
-    backend = with_added_tokens_json(backend, folder)
+    backend = with_added_tokens_json(backend, folder, special)
     set_post_processor(backend, folder, special)
     return Tokenizer(
         backend=backend,
@@ -97,7 +153,119 @@ def load_tokenizer(folder) -> Tokenizer:
         eos_token_id=token_id(backend, special, "eos_token", folder),
         pad_token_id=token_id(backend, special, "pad_token", folder),
         image_token_id=backend.token_to_id(IMAGE_TOKEN),
+        clean_up_spaces=clean_up_spaces(backend, special),
     )
+
+
+# `T5Tokenizer.__init__`: no BOS, "</s>" (with the EOS token's id) appended to every text.
+def load_t5_tokenizer(folder: Path, special: dict) -> Tokenizer:
+    backend = with_added_tokens_json(t5_unigram(folder), folder, special)
+    eos = token_id(backend, special, "eos_token", folder)
+    backend.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", eos)])
+    return Tokenizer(
+        backend=backend,
+        bos_token_id=None,
+        eos_token_id=eos,
+        pad_token_id=token_id(backend, special, "pad_token", folder),
+        image_token_id=backend.token_to_id(IMAGE_TOKEN),
+        clean_up_spaces=clean_up_spaces(backend, special),
+    )
+
+
+# `BertTokenizer.__init__`: a WordPiece over vocab.txt (or tokenizer.json's vocabulary, which
+# transformers 5 also rebuilds this pipeline around), the special tokens as added tokens matched
+# verbatim, "[CLS] $A [SEP]" around every text.
+def load_bert_tokenizer(folder: Path, special: dict) -> Tokenizer:
+    special = BERT_SPECIAL_TOKENS | special  # BertTokenizer's defaults for names the files leave out
+    backend = Backend(models.WordPiece(bert_vocab(folder), unk_token=special["unk_token"]))  # "##", 100 chars a word
+    backend.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=special.get("tokenize_chinese_chars", True),
+        strip_accents=special.get("strip_accents"), lowercase=special.get("do_lower_case", True))
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.decoder = decoders.WordPiece(prefix="##")
+    for token in config_added_tokens(folder):
+        (backend.add_special_tokens if token.special else backend.add_tokens)([token])
+    for key in BERT_SPECIAL_TOKENS:  # in the vocabulary already: now also matched verbatim, never split
+        backend.add_special_tokens([AddedToken(special[key], normalized=False, special=True)])
+    backend = with_added_tokens_json(backend, folder, special)  # [DEC] = 30522
+    if special.get("bos_token") and backend.token_to_id(special["bos_token"]) is None:
+        backend.add_special_tokens([AddedToken(special["bos_token"], normalized=False, special=True)])
+    cls, sep = special["cls_token"], special["sep_token"]
+    cls_id, sep_id = token_id(backend, special, "cls_token", folder), token_id(backend, special, "sep_token", folder)
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{cls}:0 $A:0 {sep}:0", pair=f"{cls}:0 $A:0 {sep}:0 $B:1 {sep}:1",
+        special_tokens=[(cls, cls_id), (sep, sep_id)])
+    return Tokenizer(
+        backend=backend,
+        bos_token_id=backend.token_to_id(special["bos_token"]) if special.get("bos_token") else None,
+        eos_token_id=sep_id,  # BERT has no EOS; [SEP] ends every text
+        pad_token_id=token_id(backend, special, "pad_token", folder),
+        image_token_id=backend.token_to_id(IMAGE_TOKEN),
+        clean_up_spaces=clean_up_spaces(backend, special),
+    )
+
+
+BERT_SPECIAL_TOKENS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
+                       "mask_token": "[MASK]"}
+
+
+# vocab.txt, one token a line, the line number its id; or the vocabulary in tokenizer.json.
+def bert_vocab(folder: Path):
+    if (folder / "tokenizer.json").is_file():
+        vocab = read_json(folder / "tokenizer.json").get("model", {}).get("vocab")
+        if isinstance(vocab, dict):
+            return vocab
+    if not (folder / "vocab.txt").is_file():
+        raise CheckpointError(f"{folder} has no vocab.txt (and no tokenizer.json with a WordPiece vocabulary); "
+                              "download the tokenizer files with the checkpoint.")
+    try:
+        return models.WordPiece.read_file(str(folder / "vocab.txt"))
+    except Exception as err:
+        raise CheckpointError(f"{folder}/vocab.txt could not be read ({err}); re-download it.") from err
+
+
+# tokenizer.json's Unigram pieces and added tokens in the pipeline `T5Tokenizer.__init__` builds
+# around them (transformers does not take the file's own): the file's Precompiled normalizer
+# alone (its Replace(" {2,}", " ") is dropped), then WhitespaceSplit + Metaspace where the file
+# has Metaspace only. The difference shows at the edges: the file's pipeline turns a trailing
+# space or "\n" into an extra "▁" (id 3) and "x <extra_id_0>" into "x", "▁", "<extra_id_0>";
+# transformers' drops every whitespace character before the Unigram sees the text.
+def t5_unigram(folder: Path) -> Backend:
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        raise CheckpointError(f"{folder} has no tokenizer.json; the T5 tokenizer is read from it (spiece.model "
+                              "alone is not supported), download it with the checkpoint.")
+    try:
+        backend = Backend.from_file(str(path))
+    except Exception as err:
+        raise CheckpointError(f"{path} could not be loaded ({err}); re-download it.") from err
+    if not isinstance(backend.model, models.Unigram):
+        raise CheckpointError(f"{path} holds a {type(backend.model).__name__} model, but tokenizer_config.json "
+                              "says T5Tokenizer, which is a Unigram; the tokenizer files do not match.")
+    charsmap = precompiled_charsmap(read_json(path).get("normalizer"))
+    backend.normalizer = normalizers.Precompiled(charsmap) if charsmap else None
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(),  # "a  b\n" -> "a", "b": runs of whitespace vanish
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)])  # "a" -> "▁a"
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    return backend
+
+
+# The SentencePiece charsmap (bytes) in tokenizer.json's normalizer, which is either the
+# Precompiled entry itself or a Sequence holding it; None if there is none.
+def precompiled_charsmap(normalizer: dict | None) -> bytes | None:
+    entries = (normalizer or {}).get("normalizers", [normalizer] if normalizer else [])
+    for entry in entries:
+        if entry.get("type") == "Precompiled" and entry.get("precompiled_charsmap"):
+            return base64.b64decode(entry["precompiled_charsmap"])
+    return None
+
+
+# transformers applies clean_up_tokenization_spaces (default false) to any model but a BPE, where
+# it would eat real spaces before punctuation.
+def clean_up_spaces(backend: Backend, special: dict) -> bool:
+    return bool(special.get("clean_up_tokenization_spaces")) and not isinstance(backend.model, models.BPE)
 
 
 # tokenizer.json when present (as transformers prefers it), else the classic GPT-2 pair.
@@ -144,15 +312,25 @@ def config_added_tokens(folder: Path) -> list[AddedToken]:
             for _, entry in sorted(entries.items(), key=lambda item: int(item[0]))]
 
 
-# added_tokens.json {"<image>": 50265}: the token BLIP-2 added to OPT's vocabulary. Older
-# tokenizer.json files may lack it; it must land on the id the file promises.
-def with_added_tokens_json(backend: Backend, folder: Path) -> Backend:
+# added_tokens.json {"<image>": 50265}: the token BLIP-2 added to the language model's vocabulary;
+# it must land on the id the file promises. The T5 tokenizer.json lacks it (32100). Its flags:
+# - tokenizer_config.json without "added_tokens_decoder" (T5): transformers' legacy reading of
+#   this file, special only if it is a named special token, and then not normalized; so <image>
+#   is a plain, normalized token (decode keeps it) until Blip2Processor makes it special.
+# - with "added_tokens_decoder" (OPT): transformers ignores this file; an older tokenizer.json
+#   without <image> still gets it here, special, as Blip2Processor would add it.
+def with_added_tokens_json(backend: Backend, folder: Path, special: dict) -> Backend:
     path = folder / "added_tokens.json"
     if not path.is_file():
         return backend
+    config = folder / "tokenizer_config.json"
+    legacy = "added_tokens_decoder" not in (read_json(config) if config.is_file() else {})
+    named = {special.get(key) for key in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    named |= set(special.get("additional_special_tokens", []))
     for content, expected in sorted(read_json(path).items(), key=lambda item: item[1]):
         if backend.token_to_id(content) is None:
-            token = AddedToken(content, normalized=False, special=content == IMAGE_TOKEN)
+            is_special = content in named if legacy else content == IMAGE_TOKEN
+            token = AddedToken(content, normalized=legacy and not is_special, special=is_special)
             (backend.add_special_tokens if token.special else backend.add_tokens)([token])
         if backend.token_to_id(content) != expected:
             raise CheckpointError(f"{path} puts {content!r} at id {expected}, but the tokenizer gives it "
@@ -178,17 +356,25 @@ def set_post_processor(backend: Backend, folder: Path, special: dict) -> None:
     backend.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=tokens)
 
 
-# bos/eos/unk/pad names and add_* flags: tokenizer_config.json first, special_tokens_map.json for
-# anything it leaves out. Values are either "</s>" or {"content": "</s>", ...}.
+# bos/eos/unk/pad names, the additional special tokens (T5's sentinels), add_* flags and the
+# tokenizer class: tokenizer_config.json first, special_tokens_map.json for anything it leaves
+# out. Token values are either "</s>" or {"content": "</s>", ...}.
 def special_token_names(folder: Path) -> dict:
+    def content(value):
+        return value["content"] if isinstance(value, dict) else value
     names = {}
     for name in ("special_tokens_map.json", "tokenizer_config.json"):  # later file wins
         path = folder / name
         if path.is_file():
             for key, value in read_json(path).items():
-                if key in ("bos_token", "eos_token", "unk_token", "pad_token"):
-                    names[key] = value["content"] if isinstance(value, dict) else value
-                elif key in ("add_bos_token", "add_eos_token", "add_prefix_space"):
+                if key in ("bos_token", "eos_token", "unk_token", "pad_token", "cls_token", "sep_token",
+                           "mask_token"):
+                    names[key] = content(value)
+                elif key == "additional_special_tokens":
+                    names[key] = [content(v) for v in value]
+                elif key in ("add_bos_token", "add_eos_token", "add_prefix_space",
+                             "clean_up_tokenization_spaces", "tokenizer_class",
+                             "do_lower_case", "strip_accents", "tokenize_chinese_chars"):
                     names[key] = value
     return names
 
@@ -202,11 +388,13 @@ def token_id(backend: Backend, special: dict, key: str, folder: Path) -> int:
     return backend.token_to_id(name)
 
 
-# Blip2Processor.__init__ adds "<image>" to a tokenizer that lacks it (at the next free id).
+# Blip2Processor.__init__ adds "<image>" as a special, unnormalized token: at the next free id
+# when it is missing, and over the plain one T5's added_tokens.json gives (same id, so decoding
+# with skip_special_tokens now drops it).
 def with_image_token(tokenizer: Tokenizer) -> Tokenizer:
-    if tokenizer.image_token_id is not None:
+    current = tokenizer.backend.get_added_tokens_decoder().get(tokenizer.image_token_id)
+    if current is not None and current.special and not current.normalized:  # OPT: already so
         return tokenizer
     backend = Backend.from_str(tokenizer.backend.to_str())  # a copy: the original stays as loaded
     backend.add_special_tokens([AddedToken(IMAGE_TOKEN, normalized=False, special=True)])
-    return Tokenizer(backend, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                     backend.token_to_id(IMAGE_TOKEN))
+    return replace(tokenizer, backend=backend, image_token_id=backend.token_to_id(IMAGE_TOKEN))

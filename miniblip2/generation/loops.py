@@ -1,9 +1,20 @@
-"""The decoding loops: prefill the prompt once, then one token at a time with the KV cache.
+"""The decoding loops, written once for every language model: greedy, sampling, beam search.
 
 Mirrors transformers' `GenerationMixin` (generation/utils.py), on the rows that
 `_expand_inputs_for_generation` makes: each input repeated `num_beams` (or
 `num_return_sequences`) times, one after the other, so beams and samples are just more rows of
 the batch and the model runs once per step for all of them.
+
+The loops know a decoder, not a model. A decoder (`opt.OPTDecoding`, `t5.T5Decoding`, or the
+bigram table of tests/test_decoding.py) offers:
+
+    prompt_ids   [R, T] the ids the logits processors see before any new token (OPT: the
+                 prompt; T5: the decoder start token); the output starts with them
+    prompt_mask  [R, T] 0 on left padding, which the repetition penalty skips
+    start()                 -> logits [R, V] float32, state   run the prompt (T5: the encoder, once)
+    step(next_ids [R], state) -> logits [R, V] float32, state  one new token per row
+    reorder(state, rows [R])  -> state                         row i continues old row rows[i],
+                                                               always a row of the same input
 
 - `sample_steps`: `_sample`, greedy (argmax) or multinomial sampling. Each row stops on its own
   at an end-of-sequence id and is padded with `pad_token_id` from then on; the loop ends when
@@ -12,38 +23,26 @@ the batch and the model runs once per step for all of them.
 - `beam_search`: `_beam_search`. Each input keeps K running beams and K finished hypotheses;
   every step scores all K x V continuations by summed log-probabilities, keeps the best C
   (2K with one EOS id: enough that K survive even if K of them end), moves those that end into
-  the finished set with their length penalty, and reorders the KV cache to follow the beams.
+  the finished set with their length penalty, and reorders the decoder's state to follow the beams.
 
-The output is the prompt ids followed by the new ids, as `Blip2ForConditionalGeneration.generate`
-returns them. Scores are float32 from the logits on, as in transformers.
+The output is the prompt ids followed by the new ids, as `generate` returns them. Scores are
+float32 from the logits on, as in transformers.
 
 On a GPU nothing comes back to the host inside a step but one small array: the chosen ids
 (`sample_steps`, which the caller needs anyway to stream or stop) or whether to stop
 (`beam_search`). No Python `if` looks at any other device value.
 
-Legend: B inputs, K beams, R = B x K rows (or B x samples), T prompt tokens (32 image + text),
-N new tokens, D width, V vocabulary, C candidates kept per input, L = T + N.
+Legend: B inputs, K beams, R = B x K rows (or B x samples), T prompt tokens, N new tokens,
+V vocabulary, C candidates kept per input, L = T + N.
 """
 
 import numpy as np
 
 from ..nn import namespace
-from ..opt import embed_tokens, lm_head, new_cache, opt_decoder, reorder_cache
 from ..runtime.device import to_numpy
 from .processors import greedy_choice, log_softmax, process_logits, sample_choice, sample_without_replacement, topk
 
 EXCLUDED = -1.0e9  # transformers' score for "never pick this" in beam bookkeeping (finite: sums stay finite)
-
-
-# One decoder call returning next-token logits. With a cache only `new_embeds` are run;
-# without one the whole sequence so far is run again (slow, kept to test the cache).
-def next_token_logits(new_embeds, all_embeds, attention_mask, w, config, cache):  # -> [R, V]
-    xp = namespace(new_embeds)
-    if cache is not None:
-        hidden = opt_decoder(new_embeds, attention_mask, w, config, cache)
-    else:
-        hidden = opt_decoder(all_embeds, attention_mask, w, config)
-    return lm_head(hidden[:, -1:], w)[:, 0].astype(xp.float32)
 
 
 # _expand_inputs_for_generation: `repeat_interleave`, so an input's copies sit together.
@@ -59,32 +58,28 @@ def padding_lengths(attention_mask):  # [R, T] -> [R]
 
 
 # GenerationMixin._sample, one step per iteration: yields the new id of every row [R], as NumPy.
-def sample_steps(inputs_embeds, input_ids, attention_mask, w, config, gen, rng=None, use_cache=True):
-    xp = namespace(inputs_embeds)
-    R, T, _ = inputs_embeds.shape
-    cache = new_cache(config, R, T + gen.max_new_tokens, inputs_embeds.dtype, xp) if use_cache else None
+def sample_steps(decoder, gen, rng=None):
+    input_ids = decoder.prompt_ids
+    xp = namespace(input_ids)
+    R, T = input_ids.shape
     eos = xp.asarray(gen.eos_token_ids, dtype=input_ids.dtype)
     pad = xp.asarray(gen.pad_token_id, dtype=input_ids.dtype)
-    ignore = padding_lengths(attention_mask)
+    ignore = padding_lengths(decoder.prompt_mask)
     finished = xp.zeros(R, dtype=bool)
     stopped = np.zeros(R, dtype=bool)  # the same, on the host, from the ids that come back
-    new_embeds = all_embeds = inputs_embeds
-    for _ in range(gen.max_new_tokens):
-        logits = next_token_logits(new_embeds, all_embeds, attention_mask, w, config, cache)
+    logits, state = decoder.start()
+    for step in range(gen.max_new_tokens):
         scores = process_logits(input_ids, logits, gen, T, ignore)
         next_ids = sample_choice(scores, rng) if gen.do_sample else greedy_choice(scores)
         next_ids = xp.where(finished, pad, next_ids.astype(input_ids.dtype))  # [R]
         input_ids = xp.concat([input_ids, next_ids[:, None]], axis=1)
-        attention_mask = xp.concat([attention_mask, xp.ones_like(attention_mask[:, :1])], axis=1)
         finished = finished | xp.any(next_ids[:, None] == eos[None, :], axis=1)
         chosen = to_numpy(next_ids)  # the step's one transfer to the host
         stopped = stopped | np.isin(chosen, gen.eos_token_ids)
         yield chosen
-        if stopped.all():
+        if stopped.all() or step + 1 == gen.max_new_tokens:
             return
-        new_embeds = embed_tokens(next_ids[:, None], w)  # [R, 1, D]
-        if cache is None:
-            all_embeds = xp.concat([all_embeds, new_embeds], axis=1)
+        logits, state = decoder.step(next_ids, state)
 
 
 # GenerationMixin._gather_beams: for each input, the beams (or candidates) listed in `indices`.
@@ -153,9 +148,10 @@ def still_improvable(improvable, running_scores, finished, gen, cur_len, T, max_
 
 # GenerationMixin._beam_search on rows already expanded to B x K. Rows of the output: each
 # input's best `num_return_sequences` hypotheses, best first.
-def beam_search(inputs_embeds, input_ids, attention_mask, w, config, gen, rng=None, use_cache=True):  # -> [B*n, L]
-    xp = namespace(inputs_embeds)
-    R, T, _ = inputs_embeds.shape
+def beam_search(decoder, gen, rng=None):  # -> [B*n, L]
+    input_ids = decoder.prompt_ids
+    xp = namespace(input_ids)
+    R, T = input_ids.shape
     K = gen.num_beams
     B, L = R // K, T + gen.max_new_tokens
     C = max(2, 1 + len(gen.eos_token_ids)) * K
@@ -170,11 +166,9 @@ def beam_search(inputs_embeds, input_ids, attention_mask, w, config, gen, rng=No
     finished = (xp.asarray(running, copy=True), xp.full((B, K), EXCLUDED, dtype=xp.float32),
                 xp.zeros((B, K), dtype=input_ids.dtype), xp.zeros((B, K), dtype=bool))
     improvable = xp.ones((B, 1), dtype=bool)
-    ignore = padding_lengths(attention_mask)
-    cache = new_cache(config, R, L, inputs_embeds.dtype, xp) if use_cache else None
-    new_embeds = all_embeds = inputs_embeds
+    ignore = padding_lengths(decoder.prompt_mask)
+    logits, state = decoder.start()
     for cur_len in range(T, L):
-        logits = next_token_logits(new_embeds, all_embeds, attention_mask, w, config, cache)
         log_probs = process_logits(running[:, :, :cur_len].reshape(R, cur_len), log_softmax(logits), gen, T, ignore)
         V = log_probs.shape[1]
         totals = (log_probs.reshape(B, K, V) + running_scores[:, :, None]).reshape(B, K * V)
@@ -188,12 +182,7 @@ def beam_search(inputs_embeds, input_ids, attention_mask, w, config, gen, rng=No
         if bool(~xp.any(improvable) | all_done | xp.all(ended)):  # the step's one transfer to the host
             break
         rows = (beam_idx + xp.arange(B)[:, None] * K).reshape(R)  # each new row's source row
-        new_embeds = embed_tokens(running[:, :, cur_len].reshape(R, 1), w)  # [R, 1, D]
-        attention_mask = xp.concat([attention_mask, xp.ones_like(attention_mask[:, :1])], axis=1)
-        if cache is not None:
-            cache = reorder_cache(cache, rows)
-        else:
-            all_embeds = xp.concat([all_embeds[rows], new_embeds], axis=1)
+        logits, state = decoder.step(running[:, :, cur_len].reshape(R), decoder.reorder(state, rows))
     seqs, _, lengths, _ = finished
     n = gen.num_return_sequences
     out_length = T + int(xp.max(lengths[:, :n]))

@@ -84,7 +84,8 @@ def resolve_generation_config(defaults, arguments, prompt_length, max_positions,
 
 
 # GenerationMixin._prepare_generated_length: max_new_tokens wins over max_length, which counts
-# the prompt; with neither set, 20 new tokens, but never past the position table.
+# the prompt (for an encoder-decoder, the decoder's start token); with neither set, 20 new
+# tokens, but never past the position table (`max_positions`; None for T5, which has none).
 def new_token_budget(values, prompt_length, max_positions):
     if values["max_new_tokens"] is not None:
         return values["max_new_tokens"]
@@ -94,7 +95,7 @@ def new_token_budget(values, prompt_length, max_positions):
                               f"{values['max_length']}: nothing is left to generate. Increase `max_length` "
                               "or, better yet, set `max_new_tokens`.")
         return values["max_length"] - prompt_length
-    budget = min(prompt_length + DEFAULT_NEW_TOKENS, max_positions) - prompt_length
+    budget = min(prompt_length + DEFAULT_NEW_TOKENS, max_positions or np.inf) - prompt_length
     if budget < 1:
         raise PromptError(f"the prompt is {prompt_length} tokens, all of the model's {max_positions} positions: "
                           "no new token fits. Shorten the prompt")

@@ -35,8 +35,6 @@ from ..errors import CheckpointError
 from .device import namespace, on_host
 
 DTYPES = ("float32", "float16", "bfloat16")
-# Blip2ForConditionalGeneration._keep_in_fp32_modules, applied by transformers for float16 only.
-KEEP_IN_FLOAT32 = {"float16": ("query_tokens", "qformer.")}
 
 
 def is_bf16_bits(w):
@@ -109,9 +107,11 @@ def check_dtype(dtype):
 
 
 # PreTrainedModel.from_pretrained(dtype=...) with _keep_in_fp32_modules: floating tensors become
-# `dtype` (bf16 as uint16 bits) except the modules kept in float32. Host NumPy, once, at load.
-def cast_weights(flat, dtype):  # {name: array as stored} -> {name: array to compute with}
-    keep = KEEP_IN_FLOAT32.get(dtype, ())
+# `dtype` (bf16 as uint16 bits) except those whose names start with one of `keep_float32` (the
+# family's list; transformers applies it for float16 only). Host NumPy, once, at load. float32
+# tensors loaded as float32 are returned as they are: memory maps stay memory maps.
+def cast_weights(flat, dtype, keep_float32=()):  # {name: array as stored} -> {name: array to compute with}
+    keep = tuple(keep_float32)
     return {name: _cast(name, array, "float32" if name.startswith(keep) else dtype)
             for name, array in flat.items()}
 

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..blip2 import TIED_WEIGHTS, expected_shapes
-from ..checkpoint.config import config_from_dict
+from ..blip2 import config_from_dict, expected_shapes, tied_weights
 from ..checkpoint.safetensors import save_safetensors
 from .tiny_tokenizer import build_tiny_processor_files, build_tiny_tokenizer
 
@@ -70,7 +69,7 @@ def random_tensor(name, shape, rng, dtype):
 def write_random_weights(folder, config, seed=0, dtype=np.float32):
     """Random safetensors shards with the checkpoint's names and shapes, plus the index."""
     rng = np.random.default_rng(seed)
-    shapes = {k: v for k, v in expected_shapes(config).items() if k not in TIED_WEIGHTS}
+    shapes = {k: v for k, v in expected_shapes(config).items() if k not in tied_weights(config)}
     groups, size = [[]], 0
     for name, shape in shapes.items():
         nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize

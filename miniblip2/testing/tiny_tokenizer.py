@@ -1,4 +1,5 @@
-"""Write a tiny OPT-style tokenizer and processor files into a folder (random checkpoints, tests).
+"""Write a tiny OPT-style or T5-style tokenizer and processor files into a folder (random
+checkpoints, tests).
 
 The real blip2-opt-2.7b tokenizer has 50,266 tokens; tests that build a tiny random
 Blip2ForConditionalGeneration need one with a few hundred, laid out the same way, so that both
@@ -14,12 +15,38 @@ Layout (the same conventions as the real OPT files, CHECKPOINTS.md 1.3):
                                                   image_token_index = vocab_size - 1
 BOS and EOS are both `</s>` (id 2), PAD is `<pad>` (id 1), exactly like the real files.
 The built-in corpus supports vocab_size from 262 (a single merge) to 1250.
+
+The T5 one (`build_tiny_t5_tokenizer`, for tiny blip2-flan-t5 checkpoints) is a SentencePiece-
+style Unigram that transformers loads as a `T5Tokenizer`, laid out like blip2-flan-t5-xl's files:
+    0 <pad>   1 </s>   2 <unk>   3 ▁                T5's order; no BOS, EOS appended
+    4 .. 97                                         the 94 printable ASCII characters, so any
+                                                    ASCII text encodes without <unk>
+    98 .. vocab_size - 2 - E                        "▁word" pieces: the most frequent words of
+                                                    CORPUS, so common words are one token
+    vocab_size - 1 - E .. vocab_size - 2            E sentinels <extra_id_{E-1}> .. <extra_id_0>
+    vocab_size - 1  <image>                         from added_tokens.json only, as in the real
+                                                    files; image_token_index = vocab_size - 1
+There is no Precompiled normalizer (it needs SentencePiece to build); the text stays as given.
 """
 
 import json
+import math
+import re
+import string
+from collections import Counter
 from pathlib import Path
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>"]  # ids 0..3, fairseq order as in OPT
 IMAGE_TOKEN = "<image>"
@@ -179,6 +206,116 @@ def tokenizer_config(image_token_id: int) -> dict:
         "tokenizer_class": "GPT2Tokenizer",
         "unk_token": "</s>",
     }
+
+
+T5_SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]  # ids 0..2, as in T5
+T5_CHARACTERS = string.ascii_lowercase + string.ascii_uppercase + string.digits + string.punctuation  # 94
+
+
+def build_tiny_t5_tokenizer(folder, vocab_size: int, extra_ids: int = 3) -> int:
+    """Write tokenizer.json, added_tokens.json, tokenizer_config.json and special_tokens_map.json
+    for a Unigram tokenizer of exactly `vocab_size` ids, the last being <image>, with `extra_ids`
+    sentinels before it. Returns the vocabulary size."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fixed = len(T5_SPECIAL_TOKENS) + 1 + len(T5_CHARACTERS) + extra_ids + 1  # + "▁" and <image>
+    words = word_pieces(CORPUS)
+    if not fixed <= vocab_size <= fixed + len(words):
+        raise ValueError(f"with {extra_ids} sentinels, vocab_size must be {fixed}..{fixed + len(words)} "
+                         f"(3 specials, ▁, {len(T5_CHARACTERS)} characters, the sentinels and <image>, then "
+                         f"up to {len(words)} words); got {vocab_size}")
+    words = words[:vocab_size - fixed]
+    sentinels = [f"<extra_id_{i}>" for i in reversed(range(extra_ids))]  # T5's reverse order
+    vocab = ([(t, 0.0) for t in T5_SPECIAL_TOKENS] + [("▁", -2.0)] + [(c, -20.0) for c in T5_CHARACTERS]
+             + words + [(t, 0.0) for t in sentinels])  # [vocab_size - 1]: all but <image>
+    tokenizer = t5_style_tokenizer(vocab, sentinels)
+    assert tokenizer.get_vocab_size(with_added_tokens=True) == vocab_size - 1
+    tokenizer.save(str(folder / "tokenizer.json"))
+    write_json(folder / "added_tokens.json", {IMAGE_TOKEN: vocab_size - 1})
+    write_json(folder / "special_tokens_map.json", t5_special_tokens_map(sentinels))
+    write_json(folder / "tokenizer_config.json", t5_tokenizer_config(sentinels))
+    return vocab_size
+
+
+# The words of `corpus` ("a", "the", "Question", ...), most frequent first, as "▁word" pieces
+# with log-frequency scores, all above a single character's -20: a known word is one token.
+def word_pieces(corpus: str) -> list[tuple[str, float]]:
+    counts = Counter(re.findall(r"[A-Za-z]+", corpus))
+    total = sum(counts.values())
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))  # ties: alphabetical
+    return [("▁" + word, round(math.log(count / total), 6)) for word, count in ranked]
+
+
+# The pipeline the real tokenizer.json describes (T5Tokenizer rebuilds most of it on load, as
+# miniblip2 does, but both keep the vocabulary, scores and added tokens).
+def t5_style_tokenizer(vocab: list[tuple[str, float]], sentinels: list[str]) -> Tokenizer:
+    tokenizer = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
+    tokenizer.normalizer = normalizers.Replace(Regex(" {2,}"), " ")
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tokenizer.add_special_tokens([AddedToken(t, normalized=False, special=True)
+                                  for t in T5_SPECIAL_TOKENS + sentinels])
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
+    return tokenizer
+
+
+def t5_special_tokens_map(sentinels: list[str]) -> dict:
+    return {"additional_special_tokens": sentinels, "eos_token": "</s>", "pad_token": "<pad>",
+            "unk_token": "<unk>"}
+
+
+# As blip2-flan-t5-xl's: no added_tokens_decoder, so transformers reads added_tokens.json.
+def t5_tokenizer_config(sentinels: list[str]) -> dict:
+    return {
+        "additional_special_tokens": sentinels,
+        "eos_token": "</s>",
+        "extra_ids": len(sentinels),
+        "model_max_length": 512,
+        "pad_token": "<pad>",
+        "processor_class": "Blip2Processor",
+        "sp_model_kwargs": {},
+        "tokenizer_class": "T5Tokenizer",
+        "unk_token": "<unk>",
+    }
+
+
+# The BERT one (`build_tiny_bert_tokenizer`, for tiny blip2-itm-vit-g checkpoints) is a WordPiece
+# vocab.txt that transformers loads as a `BertTokenizer`, laid out like blip2-itm-vit-g's files:
+#     0 [PAD]   1 [UNK]   2 [CLS]   3 [SEP]   4 [MASK]
+#     5 .. 30                         a .. z, so any lower-case word encodes without [UNK]
+#     31 .. 56                        ##a .. ##z, the pieces that continue a word
+#     57 .. vocab_size - 2            whole words of CORPUS, most frequent first
+#     vocab_size - 1  [DEC]           BOS of BLIP's decoder, from added_tokens.json only, as there
+BERT_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def build_tiny_bert_tokenizer(folder, vocab_size: int) -> int:
+    """Write vocab.txt, added_tokens.json, special_tokens_map.json and tokenizer_config.json like
+    blip2-itm-vit-g's (no tokenizer.json), with `vocab_size` ids in all ([DEC] last, so the
+    Q-Former's vocab_size is `vocab_size`); returns the id of [DEC]."""
+    letters = list(string.ascii_lowercase)
+    fixed = BERT_SPECIAL_TOKENS + letters + ["##" + c for c in letters]
+    if vocab_size < len(fixed) + 1:
+        raise ValueError(f"vocab_size must be at least {len(fixed) + 1}")
+    words = [w.lower() for w, _ in Counter(re.findall(r"[A-Za-z]+", CORPUS)).most_common()]
+    words = [w for w in dict.fromkeys(words) if len(w) > 1][:vocab_size - 1 - len(fixed)]
+    tokens = fixed + words
+    if len(tokens) != vocab_size - 1:
+        raise ValueError(f"the corpus has too few words for vocab_size {vocab_size}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(tokens) + "\n", encoding="utf-8")
+    write_json(folder / "added_tokens.json", {"[DEC]": vocab_size - 1})
+    write_json(folder / "special_tokens_map.json", {"bos_token": "[DEC]", "cls_token": "[CLS]", "mask_token": "[MASK]",
+                                                     "pad_token": "[PAD]", "sep_token": "[SEP]", "unk_token": "[UNK]"})
+    write_json(folder / "tokenizer_config.json", {  # blip2-itm-vit-g's, word for word
+        "clean_up_tokenization_spaces": True, "cls_token": "[CLS]", "do_basic_tokenize": True,
+        "do_lower_case": True, "mask_token": "[MASK]", "model_max_length": 512, "never_split": None,
+        "pad_token": "[PAD]", "processor_class": "Blip2Processor", "sep_token": "[SEP]", "strip_accents": None,
+        "tokenize_chinese_chars": True, "tokenizer_class": "BertTokenizer", "truncation_side": "right",
+        "unk_token": "[UNK]"})
+    return vocab_size - 1
 
 
 def build_tiny_processor_files(folder, image_size: int, num_query_tokens: int) -> None:

@@ -1,0 +1,38 @@
+"""Which family a checkpoint belongs to, from its config.json, and loading it.
+
+transformers' `AutoModel` picks the class named in config.json's `architectures`; so does
+`miniblip2.load`. Each family is glue over the same towers (see the README's file map): the
+table below is the one place that says which glue runs which class. Within a family the text
+config's `model_type` picks the language model (Blip2ForConditionalGeneration: "opt" or "t5").
+"""
+
+from . import blip2
+from .checkpoint.config import read_config_json
+from .checkpoint.loading import checkpoint_folder
+from .errors import CheckpointError
+
+# config.json `architectures[0]` -> the function that loads a folder of that class.
+FAMILIES = {
+    "Blip2ForConditionalGeneration": blip2.load,  # blip2-opt-*, blip2-flan-t5-*
+}
+
+
+def architecture(folder) -> str:
+    values = read_config_json(folder)
+    names = values.get("architectures")
+    if not isinstance(names, list) or not names or not isinstance(names[0], str):
+        raise CheckpointError(f"{folder}/config.json has no `architectures` list ({names!r}), so the model class "
+                              f"is unknown; supported: {', '.join(FAMILIES)}. Re-download config.json")
+    return names[0]
+
+
+# AutoModel.from_pretrained(path, dtype=...).to(device) for the classes in FAMILIES.
+def load(path, dtype="float32", progress=True, device="cpu"):
+    """The model in checkpoint folder `path` on `device` ("cpu": NumPy, "cuda": CuPy) computing in
+    `dtype` ("float32", "bfloat16"; "float16" where the family allows it)."""
+    folder = checkpoint_folder(path)
+    name = architecture(folder)
+    if name not in FAMILIES:
+        raise CheckpointError(f"{folder}/config.json names architecture {name!r}, which miniblip2 does not run; "
+                              f"supported: {', '.join(FAMILIES)}")
+    return FAMILIES[name](folder, dtype=dtype, progress=progress, device=device)
