@@ -29,28 +29,30 @@ TOL = 1e-4  # the parity bar; float32 rounding at these widths measures about 1e
 pytestmark = pytest.mark.skipif(not REAL.is_dir(), reason="../shared/reference is absent")
 
 
-def kept(name):
+def kept(name, layers):
     """Keep layers 0..N-1 of each tower and every non-layer key."""
-    for prefix, n in LAYERS.items():
+    for prefix, n in layers.items():
         match = re.match(re.escape(prefix) + r"\.(\d+)\.", name)
         if match:
             return int(match.group(1)) < n
     return True
 
 
-@pytest.fixture(scope="module")
-def real_layout(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("blip2-opt-2.7b-cut")
-    index = json.loads((REAL / "model.safetensors.index.json").read_text())
-    names = [name for name in index["weight_map"] if kept(name)]
-    config = json.loads((REAL / "config.json").read_text())
-    config["vision_config"]["num_hidden_layers"] = LAYERS["vision_model.encoder.layers"]
-    config["qformer_config"]["num_hidden_layers"] = LAYERS["qformer.encoder.layer"]
-    config["text_config"]["num_hidden_layers"] = LAYERS["language_model.model.decoder.layers"]
+def write_cut_checkpoint(real, folder, layers, config_changes, second_shard):
+    """Random weights at the real names and shapes of checkpoint folder `real`, with the towers cut
+    to `layers` {key prefix: N} (config_changes {section: {key: value}} say so in config.json), the
+    names starting with `second_shard` in shard 2 as in the real split, stored in float16. The
+    real small files (config, tokenizer, processor) are copied. Returns the kept names."""
+    index = json.loads((real / "model.safetensors.index.json").read_text())
+    names = [name for name in index["weight_map"] if kept(name, layers)]
+    config = json.loads((real / "config.json").read_text())
+    for section, changes in config_changes.items():  # section "": the top level
+        (config[section] if section else config).update(changes)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
-    for small in ["generation_config.json", "preprocessor_config.json", "processor_config.json", "tokenizer.json",
-                  "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt"]:
-        shutil.copy(REAL / small, folder / small)
+    for small in real.iterdir():
+        if small.suffix in (".json", ".txt") and small.name not in ("config.json", "model.safetensors.index.json") \
+                and not small.name.startswith(("pytorch_model", "KEYS", "PREDICTED", "HUB-")):
+            shutil.copy(small, folder / small.name)
 
     # The real shapes, from the config (the index lists names only): ask transformers' own model
     # on the meta device, which allocates nothing.
@@ -60,19 +62,27 @@ def real_layout(tmp_path_factory):
                   Blip2ForConditionalGeneration(Blip2Config.from_pretrained(folder)).state_dict().items()}
     rng = np.random.default_rng(0)
     shards = {"model-00001-of-00002.safetensors": {}, "model-00002-of-00002.safetensors": {}}
-    last_decoder_layer = f"language_model.model.decoder.layers.{LAYERS['language_model.model.decoder.layers'] - 1}."
     for name in names:
-        shape = shapes[name]
-        values = rng.standard_normal(shape, dtype=np.float32) * 0.02
+        values = rng.standard_normal(shapes[name], dtype=np.float32) * 0.02
         if name.endswith(("norm.weight", "LayerNorm.weight", "layernorm.weight")):
             values += 1  # layer norm scales near 1, as trained ones are
-        shard = 2 if name.startswith(last_decoder_layer) else 1  # as the real file splits the decoder
+        shard = 2 if name.startswith(second_shard) else 1
         shards[f"model-0000{shard}-of-00002.safetensors"][name] = values.astype(np.float16)
     weight_map = {}
     for file, tensors in shards.items():
         save_safetensors(folder / file, tensors)
         weight_map |= {name: file for name in tensors}
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return names
+
+
+@pytest.fixture(scope="module")
+def real_layout(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("blip2-opt-2.7b-cut")
+    last_decoder_layer = f"language_model.model.decoder.layers.{LAYERS['language_model.model.decoder.layers'] - 1}."
+    sections = ["vision_config", "qformer_config", "text_config"]
+    changes = {section: {"num_hidden_layers": n} for section, n in zip(sections, LAYERS.values())}
+    names = write_cut_checkpoint(REAL, folder, LAYERS, changes, last_decoder_layer)
     return folder, names
 
 

@@ -239,3 +239,48 @@ def test_generate_rejects_ids_outside_the_vocabulary(t5_checkpoint):
     ids, mask = t5_prompts(ours.config, [2], seed=9)
     with pytest.raises(PromptError, match="decoder_input_ids"):
         ours.forward(pixels, ids, mask, decoder_input_ids=[[T5_VOCAB_SIZE]])
+
+
+# --- images and text in, text out: the processor, caption and stream --------------------------------
+
+@pytest.fixture(scope="module")
+def talker(tmp_path_factory):
+    """A tiny BLIP-2 Flan-T5 with a tiny T5 tokenizer and processor files, as transformers saves one."""
+    from conftest import save_checkpoint
+    from tiny import tiny_model, tiny_t5_config
+
+    from miniblip2.testing.tiny_tokenizer import build_tiny_processor_files, build_tiny_t5_tokenizer
+    folder = tmp_path_factory.mktemp("t5-with-tokenizer")
+    config = tiny_t5_config()
+    save_checkpoint(tiny_model(config, seed=3), folder)
+    build_tiny_t5_tokenizer(folder, T5_VOCAB_SIZE)
+    build_tiny_processor_files(folder, config.vision_config.image_size, config.num_query_tokens)
+    return folder
+
+
+def picture(seed):
+    return np.random.default_rng(seed).integers(0, 256, size=(30, 30, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_caption_is_transformers_decoded_text(talker, num_beams):
+    from transformers import Blip2Processor
+    ours, theirs = miniblip2.load(talker), reference(talker)
+    processor = Blip2Processor.from_pretrained(talker, backend="pil")
+    prompts = ["Question: what is this? Answer:", "a photo of the dog", "what?"]  # three lengths: padded
+    images = [picture(i) for i in range(3)]
+    inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ids = theirs.generate(**inputs, max_new_tokens=8, num_beams=num_beams, do_sample=False)
+    expected = [text.strip() for text in processor.batch_decode(ids, skip_special_tokens=True)]
+    assert ours.caption(images, prompt=prompts, max_new_tokens=8, num_beams=num_beams) == expected
+    with torch.no_grad():  # no prompt: the image tokens and BOS, as transformers builds them
+        ids = theirs.generate(pixel_values=inputs["pixel_values"][:1], max_new_tokens=8)
+    assert ours.caption(images[0], max_new_tokens=8) == processor.batch_decode(ids, skip_special_tokens=True)[0].strip()
+
+
+def test_stream_pieces_join_to_the_caption(talker):
+    ours = miniblip2.load(talker)
+    for i, kwargs in enumerate([dict(), dict(prompt="Question: what is this? Answer:", do_sample=True, seed=2)]):
+        pieces = list(ours.stream(picture(i), max_new_tokens=12, **kwargs))
+        assert "".join(pieces) == ours.caption(picture(i), max_new_tokens=12, **kwargs) and len(pieces) > 1

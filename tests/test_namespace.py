@@ -100,3 +100,27 @@ def test_one_host_transfer_per_generated_token(on_device, kwargs, outside_the_lo
         np.testing.assert_array_equal(got, generate(plain))
     logits, transfers = host_transfers(lambda: device.forward(pixels, ids, mask))
     assert transfers == 1 and type(logits) is np.ndarray
+
+
+# BLIP-2 with Flan-T5 through the same check: T5's encoder, decoder and decoding state run on
+# StrictArrays and give the plain run's numbers bit for bit (float32 and bfloat16; float16 is
+# refused for T5).
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def t5_pair(t5_checkpoint, request):
+    plain = miniblip2.load(t5_checkpoint(), dtype=request.param, device="cpu")
+    return plain, Blip2(plain.config, to_strict(plain.weights), plain.processor)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"num_beams": 3, "no_repeat_ngram_size": 2, "repetition_penalty": 1.2},
+                                    {"do_sample": True, "top_k": 20, "top_p": 0.9, "temperature": 0.7, "seed": 0}],
+                         ids=["greedy", "beams", "sampling"])
+def test_t5_forward_and_generation_run_through_the_namespace(t5_pair, kwargs):
+    from test_flan_t5 import t5_prompts
+    plain, checked = t5_pair
+    pixels = image_batch(plain.config, 2, seed=2)
+    ids, mask = t5_prompts(plain.config, [2, 5], seed=3)
+    decoder_ids = np.array([[0, 4, 9], [0, 7, 7]])
+    np.testing.assert_array_equal(checked.forward(pixels.view(StrictArray), ids, mask, decoder_input_ids=decoder_ids),
+                                  plain.forward(pixels, ids, mask, decoder_input_ids=decoder_ids))
+    np.testing.assert_array_equal(checked.generate(pixels.view(StrictArray), ids, mask, max_new_tokens=6, **kwargs),
+                                  plain.generate(pixels, ids, mask, max_new_tokens=6, **kwargs))
