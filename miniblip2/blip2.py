@@ -184,7 +184,7 @@ class Blip2:
         (OPT), or [B, S, V] for every position of `decoder_input_ids` [B, S] (T5; by default the
         decoder start token alone, the logits of the first new token)."""
         input_ids, attention_mask = self._check_prompt(input_ids, attention_mask, pixel_values)
-        self._check_length(input_ids.shape[1], 0)
+        self._check_length(attention_mask, 0)
         features = self.image_features(pixel_values, interpolate_pos_encoding)
         embeds = self.embed_inputs(input_ids, features)
         w, text, mask = self.weights["language_model"], self.config.text, self.xp.asarray(attention_mask)
@@ -247,7 +247,7 @@ class Blip2:
         max_positions = None if text.is_encoder_decoder else text.max_position_embeddings
         gen = resolve_generation_config(self.generation_defaults, arguments, prompt_length, max_positions,
                                         text.vocab_size)
-        self._check_length(input_ids.shape[1], gen.max_new_tokens)
+        self._check_length(attention_mask, gen.max_new_tokens)
         embeds = self.embed_inputs(input_ids, self.image_features(pixel_values, interpolate_pos_encoding))
         xp = namespace(embeds)
         rng = device_generator(random_generator(seed, generator), xp)
@@ -353,9 +353,11 @@ class Blip2:
         return ids
 
     # OPT's learned positions end at max_position_embeddings; T5's relative positions never end.
-    def _check_length(self, prompt_length, max_new_tokens):
+    # Positions count real tokens, so the longest real row counts, not the padded width.
+    def _check_length(self, attention_mask, max_new_tokens):
         if self.config.text.is_encoder_decoder:
             return
+        prompt_length = int(attention_mask.sum(axis=1).max())
         limit = self.config.text.max_position_embeddings
         if prompt_length + max_new_tokens > limit:
             raise PromptError(

@@ -122,6 +122,15 @@ def position_ids(attention_mask, past_length):  # [B, S] -> [B, T]
     return positions[:, past_length:] + POSITION_OFFSET
 
 
+# GenerationMixin._prepare_position_ids_for_generation: `generate` numbers the prompt itself,
+# padding at 0 (where OPT's own count gives -1), and each new token one past its row's last
+# column. With left padding that is OPT's numbering; with right padding the new tokens continue
+# from the padding's 0, not from the text, and transformers' ids depend on it.
+def generation_position_ids(attention_mask):  # [B, T] -> [B, T]
+    xp = namespace(attention_mask)
+    return xp.where(attention_mask == 0, 0, xp.cumsum(attention_mask, axis=1) - 1) + POSITION_OFFSET
+
+
 # create_causal_mask: query i sees key j when j <= i and key j is not padding. Additive form:
 # 0 where visible, the dtype's most negative number where not.
 def causal_mask(attention_mask, past_length, dtype):  # [B, S] -> [B, 1, T, S]
@@ -160,12 +169,14 @@ def opt_layer(x, w, config, mask, cache=None, layer_index=0):  # [B, T, D] -> [B
     return x + linear(ACTIVATIONS[config.activation_function](linear(h, w["fc1"])), w["fc2"])  # via [B, T, F]
 
 
-# OPTDecoder.forward on inputs_embeds. `attention_mask` covers the cached tokens and the new ones.
-def opt_decoder(inputs_embeds, attention_mask, w, config, cache=None):  # [B, T, D], [B, S] -> [B, T, D]
+# OPTDecoder.forward on inputs_embeds. `attention_mask` covers the cached tokens and the new ones;
+# `positions` [B, T] (rows of the position table) as generate gives them, else from the mask.
+def opt_decoder(inputs_embeds, attention_mask, w, config, cache=None, positions=None):  # [B, T, D] -> [B, T, D]
     past = cache.length if cache is not None else 0
     decoder = w["model"]["decoder"]
     table = decoder["embed_positions"]
-    positions = record(table, widen(table["weight"][position_ids(attention_mask, past)]))  # [B, T, D]
+    rows = position_ids(attention_mask, past) if positions is None else positions  # [B, T]
+    positions = record(table, widen(table["weight"][rows]))  # [B, T, D]
     mask = causal_mask(attention_mask, past, inputs_embeds.dtype)
     x = inputs_embeds + positions
     for i, layer in enumerate(decoder["layers"]):
@@ -189,13 +200,14 @@ def lm_head(hidden, w):  # [B, T, D] -> [B, T, V]
 # --- the decoder interface that generation/loops.py drives ---------------------------------
 
 # What a decoding step carries from one token to the next: the KV cache (None with
-# use_cache=False: then `embeds` holds every token so far and each step reruns them all) and the
-# attention mask over the prompt and the new tokens.
+# use_cache=False: then `embeds` holds every token so far and each step reruns them all), the
+# attention mask over the prompt and the new tokens, and their positions.
 @dataclass
 class OPTState:
     cache: KVCache | None
     embeds: object  # [R, S, D] without a cache; the last step's [R, 1, D] with one
     attention_mask: object  # [R, S]
+    positions: object  # [R, S] rows of the position table
 
 
 class OPTDecoding:
@@ -214,21 +226,26 @@ class OPTDecoding:
         R, T, _ = self.inputs_embeds.shape
         dtype = self.inputs_embeds.dtype
         cache = new_cache(self.config, R, T + self.max_new_tokens, dtype, xp) if self.use_cache else None
-        return self._logits(self.inputs_embeds, OPTState(cache, self.inputs_embeds, self.prompt_mask))
+        positions = generation_position_ids(self.prompt_mask)
+        return self._logits(self.inputs_embeds, OPTState(cache, self.inputs_embeds, self.prompt_mask, positions))
 
     def step(self, next_ids, state):  # [R] -> logits [R, V] float32, state
         xp = namespace(state.attention_mask)
         new_embeds = embed_tokens(next_ids[:, None], self.w)  # [R, 1, D]
         mask = xp.concat([state.attention_mask, xp.ones_like(state.attention_mask[:, :1])], axis=1)  # [R, S + 1]
+        positions = xp.concat([state.positions, state.positions[:, -1:] + 1], axis=1)
         embeds = new_embeds if state.cache is not None else xp.concat([state.embeds, new_embeds], axis=1)
-        return self._logits(new_embeds, OPTState(state.cache, embeds, mask))
+        return self._logits(new_embeds, OPTState(state.cache, embeds, mask, positions))
 
     def reorder(self, state, rows):  # rows [R]: the old row each new row continues
         cache = reorder_cache(state.cache, rows) if state.cache is not None else None
-        return OPTState(cache, state.embeds[rows], state.attention_mask[rows])
+        return OPTState(cache, state.embeds[rows], state.attention_mask[rows], state.positions[rows])
 
     def _logits(self, new_embeds, state):
         xp = namespace(new_embeds)
-        inputs = new_embeds if state.cache is not None else state.embeds  # without a cache: all again
-        hidden = opt_decoder(inputs, state.attention_mask, self.w, self.config, state.cache)
+        if state.cache is not None:
+            inputs, positions = new_embeds, state.positions[:, -new_embeds.shape[1]:]
+        else:  # without a cache: all again
+            inputs, positions = state.embeds, state.positions
+        hidden = opt_decoder(inputs, state.attention_mask, self.w, self.config, state.cache, positions)
         return lm_head(hidden[:, -1:], self.w)[:, 0].astype(xp.float32), state  # [R, V]

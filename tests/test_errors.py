@@ -169,6 +169,17 @@ def test_over_long_prompt(model):
         model.forward(*good_inputs(model, text_ids=[5] * limit))
 
 
+def test_padding_does_not_count_against_the_position_table(model):
+    """Positions count real tokens: a prompt padded far past the table still fits if its text does."""
+    limit = model.config.text.max_position_embeddings
+    pixels, ids = good_inputs(model, text_ids=[5] * 10)
+    padding = limit - ids.shape[1] - 5  # padded width + 20 new tokens > limit; real tokens + 20 < limit
+    padded = np.concatenate([np.ones((1, padding), ids.dtype), ids], axis=1)
+    mask = (np.arange(padded.shape[1]) >= padding).astype(np.int64)[None]
+    new = model.generate(pixels, padded, mask, max_new_tokens=20)[:, padded.shape[1]:]
+    np.testing.assert_array_equal(new, model.generate(pixels, ids, max_new_tokens=20)[:, ids.shape[1]:])
+
+
 def test_caption_without_processor_files(tiny):
     with pytest.raises(CheckpointError, match="tokenizer"):
         miniblip2.load(tiny).caption("docs/example.png")

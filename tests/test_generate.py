@@ -410,3 +410,28 @@ def test_stream_refuses_beams_and_lists(talker):
     with pytest.raises(PromptError, match="one image"):
         list(talker.stream([image(0), image(1)]))
 
+
+
+# --- right-padded prompts --------------------------------------------------------------------------
+# transformers' generate numbers the prompt's positions itself (padding at 0) and each new token
+# one past its row's last column: after right padding the new tokens follow the padding's 0, not
+# the text. The ids must still be transformers'.
+
+def right_padded(ids, mask):
+    """The same prompts with their padding moved to the right."""
+    order = np.argsort(mask == 0, axis=1, kind="stable")  # real columns first, in order
+    return np.take_along_axis(ids, order, axis=1), np.take_along_axis(mask, order, axis=1)
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(num_beams=3, num_return_sequences=2), dict(num_beams=2),
+                                    dict(repetition_penalty=1.3, no_repeat_ngram_size=2)],
+                         ids=["greedy", "beams-3", "beams-2", "controls"])
+def test_right_padded_prompts_give_transformers_ids(models, batch, frequent, kwargs):
+    pixels, ids, mask = batch
+    ids, mask = right_padded(ids, mask)
+    assert (mask[:, -1] == 0).any()  # some rows end in padding
+    got, expected = both(models, (pixels, ids, mask), max_new_tokens=NEW_TOKENS, eos_token_id=frequent, **kwargs)
+    assert_same(got, expected)
+    without_cache = models[0].generate(pixels, ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=frequent,
+                                       use_cache=False, **kwargs)
+    assert_same(without_cache, expected)
