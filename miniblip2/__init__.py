@@ -1,12 +1,15 @@
 """miniblip2: BLIP-2 written from scratch in NumPy, matching transformers' implementation.
 
     import miniblip2
-    model = miniblip2.load("weights/blip2-opt-2.7b")
+    model = miniblip2.load("weights/blip2-opt-2.7b")     # or blip2-flan-t5-xl
     model.caption("cat.jpg")
+    matcher = miniblip2.load("weights/blip2-itm-vit-g")
+    matcher.match("cat.jpg", ["a cat", "a dog"])         # the probability that each text fits
 """
 
 from . import shapes
 from .blip2 import Blip2
+from .blip2_retrieval import Blip2Features, Blip2Retrieval, Blip2TextWithProjection, Blip2VisionWithProjection
 from .checkpoint.processor import load_processor
 from .errors import CheckpointError, DeviceError, ImageError, MiniBlip2Error, PromptError
 from .families import load
@@ -14,7 +17,8 @@ from .generation.chat import chat_prompt
 from .generation.streaming import TextStreamer
 from .shapes.shipped import weights_folder
 
-__all__ = ["Blip2", "CheckpointError", "DeviceError", "ImageError", "MiniBlip2Error", "PromptError", "TextStreamer",
+__all__ = ["Blip2", "Blip2Features", "Blip2Retrieval", "Blip2TextWithProjection", "Blip2VisionWithProjection",
+           "CheckpointError", "DeviceError", "ImageError", "MiniBlip2Error", "PromptError", "TextStreamer",
            "caption", "chat_prompt", "load", "load_processor", "shapes"]
 __version__ = "0.1.0"
 

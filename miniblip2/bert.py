@@ -17,7 +17,8 @@ the BLIP-2 ViT's), H heads (12), K head width (64), F feed-forward width (3072),
 it has num_attention_heads, hidden_act and layer_norm_eps.
 """
 
-from .nn import ACTIVATIONS, attention, layer_norm, linear, linear_shapes, merge_heads, namespace, norm_shapes, split_heads
+from .nn import (ACTIVATIONS, attention, layer_norm, linear, linear_shapes, merge_heads, namespace, norm_shapes,
+                 split_heads)
 from .runtime.precision import like_weight, widen
 from .runtime.trace import PROBS, record
 

@@ -70,22 +70,29 @@ def text_config(values: dict):
     return config
 
 
-# Blip2Config.from_pretrained: the three sub-configs plus the glue values.
-def config_from_dict(values: dict) -> Blip2Config:
-    if values.get("model_type") != "blip-2":
-        raise CheckpointError(
-            f"config.json has model_type {values.get('model_type')!r}; this is the BLIP-2 family's loader "
-            "(model_type 'blip-2', e.g. Salesforce/blip2-opt-2.7b)")
+# vision_config and qformer_config, read the same way by every BLIP-2 class (this file's and
+# blip2_retrieval.py's): the Q-Former cross-attends to the vision width, whatever its config says.
+def image_tower_configs(values: dict):  # -> VisionConfig, QFormerConfig
     vision = from_dict(VisionConfig, values.get("vision_config") or {}, "vision_config")
     qformer = from_dict(QFormerConfig, values.get("qformer_config") or {}, "qformer_config")
     qformer = dataclasses.replace(qformer, encoder_hidden_size=vision.hidden_size)
     for where, tower in [("vision_config", vision), ("qformer_config", qformer)]:
         check_activation(f"{where}.hidden_act", tower.hidden_act)
         check_heads(where, tower.hidden_size, tower.num_attention_heads)
+    return vision, qformer
+
+
+# Blip2Config.from_pretrained: the three sub-configs plus the glue values.
+def config_from_dict(values: dict, needs_image_token=True) -> Blip2Config:
+    if values.get("model_type") != "blip-2":
+        raise CheckpointError(
+            f"config.json has model_type {values.get('model_type')!r}; this is the BLIP-2 family's loader "
+            "(model_type 'blip-2', e.g. Salesforce/blip2-opt-2.7b)")
+    vision, qformer = image_tower_configs(values)
     config = Blip2Config(vision=vision, qformer=qformer, text=text_config(values.get("text_config") or {}),
                          num_query_tokens=values.get("num_query_tokens", 32),
                          image_token_index=values.get("image_token_index", values.get("image_token_id")))
-    if config.image_token_index is None:
+    if needs_image_token and config.image_token_index is None:
         raise CheckpointError(
             "config.json has no image_token_index: this is a pre-2024 BLIP-2 config whose processor does "
             "not insert <image> tokens. Download the current revision of the checkpoint.")
@@ -130,18 +137,16 @@ def _as_int_array(values, name):
     return array.astype(np.int64)
 
 
-class Blip2:
-    """A loaded BLIP-2 model: config, nested weights, processor, generation defaults."""
+class Blip2Stages:
+    """What every BLIP-2 class shares (this file's and blip2_retrieval.py's): the ViT and the
+    Q-Former's query path, the processor, and the checks on pixels. Arrays in and out of the
+    stages live on the model's device, so they chain there without copies."""
 
     def __init__(self, config, weights, processor=None):
         self.config = config
         self.weights = weights
         self.processor = processor
-        self.generation_defaults = generation_defaults(config)
         self.xp = namespace(weights["query_tokens"])  # numpy or cupy: where the weights live
-        self.lm = language_model(config)  # the tower file of the text model: opt or t5
-
-    # --- the stages, each returning what the reference returns at that point -------------
 
     def vision(self, pixel_values, interpolate_pos_encoding=False):  # [B, 3, H, W] -> [B, 257, 1408]
         w = self.weights["vision_model"]
@@ -151,11 +156,44 @@ class Blip2:
         return vision_model(pixel_values, w, self.config.vision, interpolate_pos_encoding)
 
     # In float16 the Q-Former is float32 (transformers' _keep_in_fp32_modules): the image
-    # embeddings are cast up to its dtype here, and its output back down in `project`.
+    # embeddings are cast up to its dtype here (and its output back down by the next module).
     def qformer(self, image_embeds):  # [B, 257, 1408] -> [B, 32, 768]
         w = self.weights["qformer"]
         image_embeds = like_weight(self.xp.asarray(image_embeds), w["layernorm"]["weight"])
         return qformer_model(widen(self.weights["query_tokens"]), image_embeds, w, self.config.qformer)
+
+    def _need_processor(self):
+        if self.processor is None:
+            raise CheckpointError("this model was loaded without its tokenizer and preprocessor files; "
+                                  "put them in the checkpoint folder (see weights/README.md)")
+        return self.processor
+
+    def _check_pixels(self, pixel_values):
+        if not hasattr(pixel_values, "shape") or len(pixel_values.shape) != 4 or pixel_values.shape[1] != 3:
+            shape = getattr(pixel_values, "shape", type(pixel_values).__name__)
+            raise ImageError(f"pixel_values must be a [batch, 3, height, width] array; got {shape}. "
+                             "Use model.processor(images=...) to make it from images")
+        return pixel_values
+
+
+class Blip2(Blip2Stages):
+    """Blip2ForConditionalGeneration: config, nested weights, processor, generation defaults."""
+
+    def __init__(self, config, weights, processor=None):
+        super().__init__(config, weights, processor)
+        self.generation_defaults = generation_defaults(config)
+        self.lm = language_model(config)  # the tower file of the text model: opt or t5
+
+    # A captioning checkpoint has no image-text matching heads: say which checkpoints have them.
+    def match(self, image, texts):
+        raise CheckpointError("this checkpoint is a Blip2ForConditionalGeneration, which writes text but cannot "
+                              "score image-text pairs; load an image-text retrieval checkpoint "
+                              "(Salesforce/blip2-itm-vit-g or blip2-itm-vit-g-coco) for match and similarity")
+
+    def similarity(self, images, texts):
+        self.match(images, texts)
+
+    # --- the stages, each returning what the reference returns at that point -------------
 
     def project(self, query_output):  # [B, 32, 768] -> [B, 32, 2560]
         w = self.weights["language_projection"]
@@ -322,19 +360,6 @@ class Blip2:
 
     # --- input checks: one clear error instead of a shape error deep inside NumPy ---------
 
-    def _need_processor(self):
-        if self.processor is None:
-            raise CheckpointError("this model was loaded without tokenizer/preprocessor files; "
-                                  "put them in the checkpoint folder (see weights/README.md)")
-        return self.processor
-
-    def _check_pixels(self, pixel_values):
-        if not hasattr(pixel_values, "shape") or len(pixel_values.shape) != 4 or pixel_values.shape[1] != 3:
-            shape = getattr(pixel_values, "shape", type(pixel_values).__name__)
-            raise ImageError(f"pixel_values must be a [batch, 3, height, width] array; got {shape}. "
-                             "Use model.processor(images=...) to make it from images")
-        return pixel_values
-
     def _check_prompt(self, input_ids, attention_mask, pixel_values):
         input_ids = _as_int_array(input_ids, "input_ids")
         B = input_ids.shape[0]
@@ -366,20 +391,27 @@ class Blip2:
                 "Shorten the prompt or ask for fewer new tokens")
 
 
-# Blip2ForConditionalGeneration.from_pretrained(path, dtype=...).to(device): config, weights
-# checked against it and converted to `dtype` (the Q-Former kept float32 for float16, as
-# transformers keeps it), moved to `device` once ("cpu": NumPy, "cuda": CuPy), processor.
-def load(path, dtype="float32", progress=True, device="cpu"):
-    folder = checkpoint_folder(path)
-    config = read_config(folder)
-    dtype = check_dtype(dtype)
+# How a checkpoint with a language model is read in `dtype`: the names its file may leave out
+# (tied) or hold unused (ignored), and what stays float32 (float16 only, as in transformers).
+# Flan-T5 in float16 is refused before anything is read.
+def weight_rules(folder, config, dtype):  # -> tied, ignored, keep_float32
     if dtype == "float16" and config.text.is_encoder_decoder:
         raise CheckpointError(
             f"{folder}: BLIP-2 Flan-T5 cannot run in float16: T5 was trained in bfloat16 and its activations "
             "overflow float16's range (the BLIP-2 paper's checkpoints 'cannot be cast to float16'). "
             "Use dtype='bfloat16' (or 'float32')")
-    keep = KEEP_IN_FLOAT32 if dtype == "float16" else ()
     ignored = [f"language_model.{name}" for name in language_model(config).IGNORED_WEIGHTS]
-    weights = load_weights(folder, expected_shapes(config), tied_weights(config), ignored, dtype, keep, device, progress)
+    return tied_weights(config), ignored, KEEP_IN_FLOAT32 if dtype == "float16" else ()
+
+
+# Blip2ForConditionalGeneration.from_pretrained(path, dtype=...).to(device): config, weights
+# checked against it and converted to `dtype`, moved to `device` once ("cpu": NumPy, "cuda":
+# CuPy), processor.
+def load(path, dtype="float32", progress=True, device="cpu"):
+    folder = checkpoint_folder(path)
+    config = read_config(folder)
+    dtype = check_dtype(dtype)
+    tied, ignored, keep = weight_rules(folder, config, dtype)
+    weights = load_weights(folder, expected_shapes(config), tied, ignored, dtype, keep, device, progress)
     processor = load_processor(folder) if has_processor_files(folder) else None
     return Blip2(config, weights, processor)

@@ -5,14 +5,18 @@
         --temperature, --repetition-penalty, --seed), named as in transformers
     miniblip2 demo [--seed N] [--out FILE]
         draws a new shapes scene, saves it, and prints its true caption beside the model's
-Without --weights (and $MINIBLIP2_WEIGHTS) both use the shapes model shipped in weights/shapes-tiny.
+    miniblip2 match IMAGE TEXT [TEXT ...] --weights DIR [--device cpu|cuda] [--dtype ...]
+        ranks the texts by how well each describes the image, with an image-text retrieval
+        checkpoint (blip2-itm-vit-g): the matching probability (ITM) and the similarity (ITC)
+Without --weights (and $MINIBLIP2_WEIGHTS) they use the shapes model shipped in weights/shapes-tiny,
+which captions but cannot match.
 """
 
 import argparse
 import random
 import sys
 
-from . import shapes
+from . import retrieval, shapes
 from .errors import MiniBlip2Error
 from .families import load
 from .runtime.device import DEVICES
@@ -38,6 +42,12 @@ def build_parser():
     cap.add_argument("--device", choices=DEVICES, default="cpu",
                      help="where to run; cuda needs CuPy: pip install 'miniblip2[gpu]'")
     cap.add_argument("--dtype", choices=DTYPES, default="float32")
+    match = commands.add_parser("match", help="rank texts by how well they describe an image")
+    match.add_argument("image", help="image file")
+    match.add_argument("texts", nargs="+", metavar="text", help='e.g. "a cat on a sofa" "a dog in the snow"')
+    match.add_argument("--weights", help=f"an image-text retrieval checkpoint folder (default: ${WEIGHTS_ENV})")
+    match.add_argument("--device", choices=DEVICES, default="cpu")
+    match.add_argument("--dtype", choices=DTYPES, default="float32")
     demo = commands.add_parser("demo", help="caption a new scene of coloured shapes, beside its true caption")
     demo.add_argument("--seed", type=int, help="the scene (default: a random held-out one)")
     demo.add_argument("--out", default="shapes-demo.png", help="where to save the picture")
@@ -60,6 +70,9 @@ def main(argv=None):
         if args.command == "demo":
             return demo(load(weights_folder(args.weights)), args.seed, args.out)
         model = load(weights_folder(args.weights), dtype=args.dtype, device=args.device)
+        if args.command == "match":
+            print(retrieval.format_ranking(retrieval.rank_texts(model, args.image, args.texts)))
+            return 0
         texts = model.caption(args.image, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
                               **generation_arguments(args))
     except MiniBlip2Error as err:

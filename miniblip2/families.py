@@ -6,7 +6,7 @@ table below is the one place that says which glue runs which class. Within a fam
 config's `model_type` picks the language model (Blip2ForConditionalGeneration: "opt" or "t5").
 """
 
-from . import blip2
+from . import blip2, blip2_retrieval
 from .checkpoint.config import read_config_json
 from .checkpoint.loading import checkpoint_folder
 from .errors import CheckpointError
@@ -14,6 +14,10 @@ from .errors import CheckpointError
 # config.json `architectures[0]` -> the function that loads a folder of that class.
 FAMILIES = {
     "Blip2ForConditionalGeneration": blip2.load,  # blip2-opt-*, blip2-flan-t5-*
+    "Blip2ForImageTextRetrieval": blip2_retrieval.load_retrieval,  # blip2-itm-vit-g, -coco
+    "Blip2TextModelWithProjection": blip2_retrieval.load_text_with_projection,
+    "Blip2VisionModelWithProjection": blip2_retrieval.load_vision_with_projection,
+    "Blip2Model": blip2_retrieval.load_blip2_model,
 }
 
 
