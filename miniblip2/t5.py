@@ -276,9 +276,6 @@ class CrossAttentionKV:
     values: list
     mask: object  # [B, 1, 1, T]
 
-    def reorder(self, rows):  # [R]: row i becomes old row rows[i]
-        return CrossAttentionKV([k[rows] for k in self.keys], [v[rows] for v in self.values], self.mask[rows])
-
 
 def cross_attention_kv(encoder_output, attention_mask, w, config):  # [B, T, D], [B, T] -> CrossAttentionKV
     layers = [block["layer"][1]["EncDecAttention"] for block in w["decoder"]["block"]]
