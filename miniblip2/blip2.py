@@ -26,20 +26,21 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import opt, t5
-from .checkpoint.config import check_activation, check_heads, from_dict, read_config_json
-from .checkpoint.loading import checkpoint_folder, load_weights
+from .checkpoint.config import check_activation, check_field, check_heads, from_dict, read_config_json
+from .checkpoint.loading import check_processor_fits, check_tokenizer_present, checkpoint_folder, load_weights
 from .checkpoint.processor import has_processor_files, load_processor
-from .errors import CheckpointError, ImageError, PromptError
-from .generation.loops import beam_search, expand_inputs, sample_steps
-from .generation.settings import generation_defaults, random_generator, resolve_generation_config
-from .generation.streaming import TextStreamer
+from .errors import CheckpointError, PromptError
+from .generation.chat import chat_prompt
+from .generation.loops import expand_inputs
+from .generation.settings import check_memory, generation_defaults, random_generator, resolve_generation_config
+from .glue import ImageModel, ImageToText, as_int_array, check_mask
 from .nn import linear, linear_shapes, namespace
 from .qformer import QFormerConfig, qformer_model
 from .qformer import expected_shapes as qformer_shapes
-from .runtime.device import device_generator, to_numpy
+from .runtime.device import device_generator, memory_available, on_host, to_numpy
 from .runtime.precision import check_dtype, like_weight, widen
 from .runtime.trace import record, trace
-from .vision import VisionConfig, vision_model
+from .vision import VisionConfig
 from .vision import expected_shapes as vision_shapes
 
 
@@ -55,7 +56,9 @@ class Blip2Config:
 
 # text_config, by its model_type: the language model's own config, checked by its own file.
 def text_config(values: dict):
-    model_type = values.get("model_type", "opt") if isinstance(values, dict) else None
+    if not isinstance(values, dict):
+        return from_dict(opt.OPTConfig, values, "text_config")  # the error: it should be an object
+    model_type = values.get("model_type", "opt")
     if model_type == "t5":
         return t5.t5_config(values)
     if model_type != "opt":
@@ -70,32 +73,66 @@ def text_config(values: dict):
     return config
 
 
+# A sub-config of config.json: absent or null means every default; anything else must be an
+# object (from_dict says so), not an empty list or string read as "all defaults".
+def section(values: dict, key: str):
+    value = values.get(key)
+    return {} if value is None else value
+
+
+# A value of config.json's top level (num_query_tokens, image_token_index), checked as the
+# towers' fields are.
+def glue_value(values: dict, name: str, annotation, default=None):
+    return check_field(f"config.json: {name}", name, values.get(name, default), annotation)
+
+
 # vision_config and qformer_config, read the same way by every BLIP-2 class (this file's and
 # blip2_retrieval.py's): the Q-Former cross-attends to the vision width, whatever its config says.
 def image_tower_configs(values: dict):  # -> VisionConfig, QFormerConfig
-    vision = from_dict(VisionConfig, values.get("vision_config") or {}, "vision_config")
-    qformer = from_dict(QFormerConfig, values.get("qformer_config") or {}, "qformer_config")
+    vision = from_dict(VisionConfig, section(values, "vision_config"), "vision_config")
+    qformer = from_dict(QFormerConfig, section(values, "qformer_config"), "qformer_config")
     qformer = dataclasses.replace(qformer, encoder_hidden_size=vision.hidden_size)
     for where, tower in [("vision_config", vision), ("qformer_config", qformer)]:
         check_activation(f"{where}.hidden_act", tower.hidden_act)
         check_heads(where, tower.hidden_size, tower.num_attention_heads)
+    check_vision(vision)
     return vision, qformer
+
+
+# The processor gives RGB pixels, and a patch must fit in the image.
+def check_vision(vision) -> None:
+    if vision.num_channels != 3:
+        raise CheckpointError(f"config.json: vision_config.num_channels = {vision.num_channels}: BLIP-2 reads "
+                              "RGB images (3 channels); fix or re-download config.json")
+    if vision.patch_size > vision.image_size:
+        raise CheckpointError(f"config.json: vision_config.patch_size = {vision.patch_size} is larger than "
+                              f"vision_config.image_size = {vision.image_size}, so an image has no patch; "
+                              "fix or re-download config.json")
 
 
 # Blip2Config.from_pretrained: the three sub-configs plus the glue values.
 def config_from_dict(values: dict, needs_image_token=True) -> Blip2Config:
-    if values.get("model_type") != "blip-2":
+    if not isinstance(values, dict) or values.get("model_type") != "blip-2":
+        found = values.get("model_type") if isinstance(values, dict) else values
         raise CheckpointError(
-            f"config.json has model_type {values.get('model_type')!r}; this is the BLIP-2 family's loader "
+            f"config.json has model_type {found!r}; this is the BLIP-2 family's loader "
             "(model_type 'blip-2', e.g. Salesforce/blip2-opt-2.7b)")
     vision, qformer = image_tower_configs(values)
-    config = Blip2Config(vision=vision, qformer=qformer, text=text_config(values.get("text_config") or {}),
-                         num_query_tokens=values.get("num_query_tokens", 32),
-                         image_token_index=values.get("image_token_index", values.get("image_token_id")))
+    text = text_config(section(values, "text_config"))
+    image_token = values.get("image_token_index", values.get("image_token_id"))
+    config = Blip2Config(vision=vision, qformer=qformer, text=text,
+                         num_query_tokens=glue_value(values, "num_query_tokens", int, 32),
+                         image_token_index=check_field("config.json: image_token_index", "image_token_index",
+                                                       image_token, int | None))
     if needs_image_token and config.image_token_index is None:
         raise CheckpointError(
             "config.json has no image_token_index: this is a pre-2024 BLIP-2 config whose processor does "
             "not insert <image> tokens. Download the current revision of the checkpoint.")
+    if config.image_token_index is not None and config.image_token_index >= text.vocab_size:
+        raise CheckpointError(
+            f"config.json: image_token_index = {config.image_token_index} is not below text_config.vocab_size = "
+            f"{text.vocab_size}, so the language model has no row for <image>; the config is inconsistent: "
+            "re-download config.json")
     return config
 
 
@@ -124,36 +161,25 @@ def tied_weights(config):
     return {f"language_model.{name}": f"language_model.{source}" for name, source in tied.items()}
 
 
+# The KV cache one row keeps per position, in float32 (keys and values of every decoder layer;
+# for T5 the cross-attention's too), plus the row's embedding: what settings.check_memory counts.
+def bytes_per_position(text):
+    if text.is_encoder_decoder:
+        return 4 * (4 * text.num_decoder_layers * text.num_heads * text.d_kv + text.d_model)
+    return 4 * (2 * text.num_hidden_layers * text.hidden_size + text.hidden_size)
+
+
 # Blip2ForConditionalGeneration._keep_in_fp32_modules, which transformers applies for float16 only.
 KEEP_IN_FLOAT32 = ("query_tokens", "qformer.")
 
 
-def _as_int_array(values, name):
-    array = to_numpy(values)
-    if array.ndim == 1:
-        array = array[None]
-    if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
-        raise PromptError(f"{name} must be a 2-D integer array [batch, tokens]; got {array.dtype} {array.shape}")
-    return array.astype(np.int64)
-
-
-class Blip2Stages:
-    """What every BLIP-2 class shares (this file's and blip2_retrieval.py's): the ViT and the
-    Q-Former's query path, the processor, and the checks on pixels. Arrays in and out of the
-    stages live on the model's device, so they chain there without copies."""
+class Blip2Stages(ImageModel):
+    """What every BLIP-2 class shares (this file's and blip2_retrieval.py's): the ViT, the
+    processor and the checks on inputs (glue.ImageModel), and the Q-Former's query path."""
 
     def __init__(self, config, weights, processor=None):
-        self.config = config
-        self.weights = weights
-        self.processor = processor
+        super().__init__(config, weights, processor)
         self.xp = namespace(weights["query_tokens"])  # numpy or cupy: where the weights live
-
-    def vision(self, pixel_values, interpolate_pos_encoding=False):  # [B, 3, H, W] -> [B, 257, 1408]
-        w = self.weights["vision_model"]
-        # pixel_values.to(patch_embedding.weight.dtype), on the weights' device
-        pixel_values = like_weight(self.xp.asarray(self._check_pixels(pixel_values)),
-                                   w["embeddings"]["patch_embedding"]["weight"])
-        return vision_model(pixel_values, w, self.config.vision, interpolate_pos_encoding)
 
     # In float16 the Q-Former is float32 (transformers' _keep_in_fp32_modules): the image
     # embeddings are cast up to its dtype here (and its output back down by the next module).
@@ -162,22 +188,11 @@ class Blip2Stages:
         image_embeds = like_weight(self.xp.asarray(image_embeds), w["layernorm"]["weight"])
         return qformer_model(widen(self.weights["query_tokens"]), image_embeds, w, self.config.qformer)
 
-    def _need_processor(self):
-        if self.processor is None:
-            raise CheckpointError("this model was loaded without its tokenizer and preprocessor files; "
-                                  "put them in the checkpoint folder (see weights/README.md)")
-        return self.processor
 
-    def _check_pixels(self, pixel_values):
-        if not hasattr(pixel_values, "shape") or len(pixel_values.shape) != 4 or pixel_values.shape[1] != 3:
-            shape = getattr(pixel_values, "shape", type(pixel_values).__name__)
-            raise ImageError(f"pixel_values must be a [batch, 3, height, width] array; got {shape}. "
-                             "Use model.processor(images=...) to make it from images")
-        return pixel_values
-
-
-class Blip2(Blip2Stages):
-    """Blip2ForConditionalGeneration: config, nested weights, processor, generation defaults."""
+class Blip2(Blip2Stages, ImageToText):
+    """Blip2ForConditionalGeneration: config, nested weights, processor, generation defaults.
+    generate, caption and stream are glue.ImageToText's, over `_prepare_generation` and
+    `_caption_inputs` below."""
 
     def __init__(self, config, weights, processor=None):
         super().__init__(config, weights, processor)
@@ -233,41 +248,6 @@ class Blip2(Blip2Stages):
         decoder_input_ids = self._check_ids(decoder_input_ids, "decoder_input_ids")
         return to_numpy(t5.t5_forward(embeds, mask, self.xp.asarray(decoder_input_ids), w, text))
 
-    def generate(self, pixel_values, input_ids=None, attention_mask=None, max_new_tokens=None, *, seed=None,
-                 generator=None, streamer=None, use_cache=True, interpolate_pos_encoding=False, **generation_kwargs):
-        """Prompt ids followed by the new ids, laid out as `Blip2ForConditionalGeneration.generate`.
-
-        Takes transformers' names: max_new_tokens, max_length, min_new_tokens, min_length,
-        do_sample, num_beams, num_return_sequences, temperature, top_k, top_p, repetition_penalty,
-        no_repeat_ngram_size, length_penalty, early_stopping (True, False, "never"), eos_token_id
-        (an id or a list), pad_token_id. Unset ones take transformers' defaults (greedy, 20 new
-        tokens, top_k 50) with the text config's eos and pad; like transformers 5.23, the settings
-        in generation_config.json are not read.
-
-        Sampling draws from `generator` (a np.random.Generator) or from a new one seeded with
-        `seed`: reproducible, from the distribution transformers samples, but never the very ids
-        torch's random stream would give. `streamer` is called as transformers calls one:
-        put(prompt ids [1, T]), put(new id [1]) after each step, end(); see `TextStreamer`.
-        With num_return_sequences n, each input's n rows come together, best beam first."""
-        decoder, gen, rng = self._prepare_generation(pixel_values, input_ids, attention_mask, seed, generator, use_cache,
-                                                      interpolate_pos_encoding,
-                                                      dict(max_new_tokens=max_new_tokens, **generation_kwargs))
-        if gen.num_beams > 1:
-            if streamer is not None:
-                raise PromptError("`streamer` cannot be used with beam search (as in transformers): the text is "
-                                  "known only at the end. Set num_beams=1")
-            return to_numpy(beam_search(decoder, gen, rng))
-        ids = [to_numpy(decoder.prompt_ids)]
-        if streamer is not None:
-            streamer.put(ids[0])
-        for next_ids in sample_steps(decoder, gen, rng):
-            ids.append(next_ids[:, None])  # NumPy: each step's ids come to the host anyway
-            if streamer is not None:
-                streamer.put(next_ids)
-        if streamer is not None:
-            streamer.end()
-        return np.concatenate(ids, axis=1)
-
     # Blip2ForConditionalGeneration.generate up to `language_model.generate`: the inputs checked,
     # the settings resolved, the image features put into the prompt's embeddings, every row
     # repeated for its beams or samples (GenerationMixin._expand_inputs_for_generation), and
@@ -275,6 +255,9 @@ class Blip2(Blip2Stages):
     def _prepare_generation(self, pixel_values, input_ids, attention_mask, seed, generator, use_cache,
                             interpolate_pos_encoding, arguments):
         batch = self._check_pixels(pixel_values).shape[0]
+        for name, flag in (("use_cache", use_cache), ("interpolate_pos_encoding", interpolate_pos_encoding)):
+            if not isinstance(flag, (bool, np.bool_)):
+                raise PromptError(f"`{name}` must be True or False, but is {flag!r}")
         if input_ids is None:  # no prompt: the image tokens and BOS, as the reference builds them
             start = [self.config.image_token_index] * self.config.num_query_tokens + [self.config.text.bos_token_id]
             input_ids = np.full((batch, len(start)), start, dtype=np.int64)
@@ -286,6 +269,9 @@ class Blip2(Blip2Stages):
         gen = resolve_generation_config(self.generation_defaults, arguments, prompt_length, max_positions,
                                         text.vocab_size)
         self._check_length(attention_mask, gen.max_new_tokens)
+        positions = input_ids.shape[1] + gen.max_new_tokens  # T5: the encoder's tokens and the decoder's
+        check_memory(gen, batch, positions, bytes_per_position(text), text.vocab_size, memory_available(self.xp),
+                     "on the host" if on_host(self.xp) else "on the GPU")
         embeds = self.embed_inputs(input_ids, self.image_features(pixel_values, interpolate_pos_encoding))
         xp = namespace(embeds)
         rng = device_generator(random_generator(seed, generator), xp)
@@ -298,52 +284,19 @@ class Blip2(Blip2Stages):
             decoder = opt.OPTDecoding(w, text, embeds, attention_mask, input_ids, gen.max_new_tokens, use_cache)
         return decoder, gen, rng
 
+    def answer(self, image, question, max_new_tokens=30, **generate_kwargs):
+        """`caption` with the question put in the prompt BLIP-2 answers, "Question: ... Answer:"
+        (chat_prompt with no earlier turns): one image and question, or a list of each (or one
+        question for all the images)."""
+        several = isinstance(question, (list, tuple))
+        prompts = [chat_prompt([], q) for q in (question if several else [question])]
+        return self.caption(image, prompt=prompts if several else prompts[0], max_new_tokens=max_new_tokens,
+                            **generate_kwargs)
+
     def trace(self, image, prompt=None):
         """{checkpoint path: NumPy array}: every intermediate of one forward pass on one image,
         attention probabilities included; see miniblip2/trace.py."""
         return trace(self, image, prompt)
-
-    def batch_decode(self, ids, skip_special_tokens=True):
-        return self._need_processor().tokenizer.batch_decode(ids, skip_special_tokens=skip_special_tokens)
-
-    def caption(self, image, prompt=None, max_new_tokens=30, **generate_kwargs):
-        """The generated text for one image (a str) or for a list of images (a list of str).
-
-        With a prompt ("Question: ... Answer:", see `chat_prompt`) only the continuation is
-        returned; `generate` and `batch_decode` give the prompt and the continuation together, as
-        transformers does. Takes `generate`'s arguments; with num_return_sequences n > 1 each
-        image gives a list of n texts instead of one."""
-        single = not isinstance(image, (list, tuple))
-        images = [image] if single else list(image)
-        pixel_values, input_ids, attention_mask, prompt_length = self._caption_inputs(images, prompt)
-        ids = self.generate(pixel_values, input_ids, attention_mask, max_new_tokens=max_new_tokens, **generate_kwargs)
-        texts = [text.strip() for text in self.batch_decode(ids[:, prompt_length:])]  # the answer, not the prompt
-        n = len(texts) // len(images)  # num_return_sequences
-        per_image = texts if n == 1 else [texts[i * n:(i + 1) * n] for i in range(len(images))]
-        return per_image[0] if single else per_image
-
-    def stream(self, image, prompt=None, max_new_tokens=30, *, seed=None, generator=None, use_cache=True,
-               interpolate_pos_encoding=False, **generation_kwargs):
-        """Yield the caption of one image in pieces as the tokens come: "".join of the pieces is
-        `caption(image, prompt, ...)` with the same arguments. Greedy or sampling (a beam search
-        knows its text only at the end). A piece never ends inside a character or in text that a
-        later token could still change (see `TextStreamer`)."""
-        if isinstance(image, (list, tuple)):
-            raise PromptError("stream takes one image; use caption for a list of images")
-        pixel_values, input_ids, attention_mask, _ = self._caption_inputs([image], prompt)
-        decoder, gen, rng = self._prepare_generation(pixel_values, input_ids, attention_mask, seed, generator, use_cache,
-                                                      interpolate_pos_encoding,
-                                                      dict(max_new_tokens=max_new_tokens, **generation_kwargs))
-        if gen.num_beams > 1 or gen.num_return_sequences > 1:
-            raise PromptError("stream gives one text by greedy search or sampling: set num_beams=1 and "
-                              "num_return_sequences=1 (use caption for beam search)")
-        streamer = TextStreamer(self._need_processor().tokenizer)
-        streamer.put(to_numpy(decoder.prompt_ids))
-        for next_ids in sample_steps(decoder, gen, rng):
-            if piece := streamer.put(next_ids):
-                yield piece
-        if piece := streamer.end():
-            yield piece
 
     # The processor's inputs for `caption`/`stream`, and where the generated text starts: after
     # the prompt for OPT, which continues it; at once for T5, whose decoder writes only new text.
@@ -361,17 +314,18 @@ class Blip2(Blip2Stages):
     # --- input checks: one clear error instead of a shape error deep inside NumPy ---------
 
     def _check_prompt(self, input_ids, attention_mask, pixel_values):
-        input_ids = _as_int_array(input_ids, "input_ids")
+        input_ids = as_int_array(input_ids, "input_ids")
         B = input_ids.shape[0]
-        attention_mask = np.ones_like(input_ids) if attention_mask is None else _as_int_array(attention_mask, "attention_mask")
+        attention_mask = np.ones_like(input_ids) if attention_mask is None else as_int_array(attention_mask, "attention_mask")
         if attention_mask.shape != input_ids.shape:
             raise PromptError(f"attention_mask {attention_mask.shape} must have the shape of input_ids {input_ids.shape}")
+        check_mask(attention_mask)
         if B != self._check_pixels(pixel_values).shape[0]:
             raise PromptError(f"{B} prompts for {pixel_values.shape[0]} images: give one prompt per image")
         return self._check_ids(input_ids, "input_ids"), attention_mask
 
     def _check_ids(self, ids, name):
-        ids = _as_int_array(ids, name)
+        ids = as_int_array(ids, name)
         vocab = self.config.text.vocab_size
         if ids.min() < 0 or ids.max() >= vocab:
             raise PromptError(f"{name} must lie in [0, {vocab}); found {ids.min()}..{ids.max()}")
@@ -404,14 +358,17 @@ def weight_rules(folder, config, dtype):  # -> tied, ignored, keep_float32
     return tied_weights(config), ignored, KEEP_IN_FLOAT32 if dtype == "float16" else ()
 
 
-# Blip2ForConditionalGeneration.from_pretrained(path, dtype=...).to(device): config, weights
-# checked against it and converted to `dtype`, moved to `device` once ("cpu": NumPy, "cuda":
-# CuPy), processor.
-def load(path, dtype="float32", progress=True, device="cpu"):
+# Blip2ForConditionalGeneration.from_pretrained(path, dtype=...).to(device): config, processor
+# files checked against it, weights checked against it (names, shapes, NaN and infinity unless
+# check_finite=False) and converted to `dtype`, moved to `device` once ("cpu": NumPy, "cuda": CuPy).
+def load(path, dtype="float32", progress=True, device="cpu", check_finite=True):
     folder = checkpoint_folder(path)
     config = read_config(folder)
     dtype = check_dtype(dtype)
     tied, ignored, keep = weight_rules(folder, config, dtype)
-    weights = load_weights(folder, expected_shapes(config), tied, ignored, dtype, keep, device, progress)
+    check_tokenizer_present(folder, has_processor_files(folder))
     processor = load_processor(folder) if has_processor_files(folder) else None
+    check_processor_fits(folder, processor, config.text.vocab_size, "text_config.vocab_size", config.num_query_tokens,
+                         config.vision.image_size)
+    weights = load_weights(folder, expected_shapes(config), tied, ignored, dtype, keep, device, progress, check_finite)
     return Blip2(config, weights, processor)

@@ -32,11 +32,12 @@ import numpy as np
 
 from . import blip2, opt, t5
 from .bert import text_embeddings
-from .blip2 import Blip2Stages, image_tower_configs
-from .checkpoint.config import read_config_json
-from .checkpoint.loading import checkpoint_folder, load_weights
+from .blip2 import Blip2Stages, glue_value, image_tower_configs, section
+from .checkpoint.config import check_field, read_config_json
+from .checkpoint.loading import check_processor_fits, check_tokenizer_present, checkpoint_folder, load_weights
 from .checkpoint.processor import has_processor_files, load_processor, load_retrieval_processor
 from .errors import CheckpointError, ImageError, PromptError
+from .glue import check_mask
 from .nn import layer_norm, linear, linear_shapes, softmax
 from .qformer import QFormerConfig, qformer_model, text_embedding_shapes
 from .qformer import expected_shapes as qformer_shapes
@@ -63,20 +64,24 @@ class RetrievalConfig:
 # Blip2Config.from_dict for these classes. The ones that read text need the Q-Former's text
 # feed-forward (use_qformer_text_input); the first hub revision spelt that key differently.
 def config_from_dict(values: dict, needs_text_input=True) -> RetrievalConfig:
-    if values.get("model_type") != "blip-2":
+    if not isinstance(values, dict) or values.get("model_type") != "blip-2":
+        found = values.get("model_type") if isinstance(values, dict) else values
         raise CheckpointError(
-            f"config.json has model_type {values.get('model_type')!r}; BLIP-2's retrieval and feature models "
+            f"config.json has model_type {found!r}; BLIP-2's retrieval and feature models "
             "have 'blip-2' (old revisions said 'blip-2-without-lm': download the current config.json)")
     vision, qformer = image_tower_configs(values)
     if needs_text_input and not qformer.use_qformer_text_input:
         old = " (this config has the old key `qformer_text_input`, which transformers ignores)" if (
-            "qformer_text_input" in (values.get("qformer_config") or {})) else ""
+            "qformer_text_input" in section(values, "qformer_config")) else ""
         raise CheckpointError(
             f"config.json: qformer_config.use_qformer_text_input is false{old}, so the Q-Former has no "
             "feed-forward weights for text and cannot read it. Download the current config.json of the checkpoint")
-    return RetrievalConfig(vision=vision, qformer=qformer, num_query_tokens=values.get("num_query_tokens", 32),
-                           image_text_hidden_size=values.get("image_text_hidden_size", 256),
-                           image_token_index=values.get("image_token_index", values.get("image_token_id")))
+    image_token = values.get("image_token_index", values.get("image_token_id"))
+    return RetrievalConfig(vision=vision, qformer=qformer,
+                           num_query_tokens=glue_value(values, "num_query_tokens", int, 32),
+                           image_text_hidden_size=glue_value(values, "image_text_hidden_size", int, 256),
+                           image_token_index=check_field("config.json: image_token_index", "image_token_index",
+                                                         image_token, int | None))
 
 
 def _prefixed(prefix, shapes):
@@ -86,9 +91,13 @@ def _prefixed(prefix, shapes):
 # --- input checks: one clear error, naming the argument, before any product ---------------
 
 def _int_rows(values, name):
-    array = to_numpy(values)
+    try:
+        array = to_numpy(values)
+    except (ValueError, TypeError) as err:  # ragged lists, objects NumPy cannot hold
+        raise PromptError(f"{name} must be a 2-D integer array [texts, tokens]; got a {type(values).__name__} "
+                          f"that is not one ({err})") from err
     array = array[None] if array.ndim == 1 else array
-    if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer) or array.shape[0] == 0:
+    if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer) or 0 in array.shape:
         raise PromptError(f"{name} must be a 2-D integer array [texts, tokens] with at least one text; "
                           f"got {array.dtype} {array.shape}")
     return array.astype(np.int64)
@@ -118,6 +127,7 @@ class _Blip2QFormerStages(Blip2Stages):
         mask = np.ones_like(input_ids) if attention_mask is None else _int_rows(attention_mask, "attention_mask")
         if mask.shape != input_ids.shape:
             raise PromptError(f"attention_mask {mask.shape} must have the shape of {name} {input_ids.shape}")
+        check_mask(mask)
         vocab, positions = self.config.qformer.vocab_size, self.config.qformer.max_position_embeddings
         if input_ids.min() < 0 or input_ids.max() >= vocab:
             raise PromptError(f"{name} must lie in [0, {vocab}), the Q-Former's vocabulary; found "
@@ -355,6 +365,7 @@ class Blip2Features(_Blip2QFormerStages):
         text, w = self.config.text, self.weights["language_model"]
         if mask.shape != input_ids.shape:
             raise PromptError(f"attention_mask {mask.shape} must have the shape of input_ids {input_ids.shape}")
+        check_mask(mask)
         if input_ids.min() < 0 or input_ids.max() >= text.vocab_size:
             raise PromptError(f"input_ids must lie in [0, {text.vocab_size}); found {input_ids.min()}..{input_ids.max()}")
         ids, mask = self.xp.asarray(input_ids), self.xp.asarray(mask)
@@ -382,7 +393,7 @@ def read_config(folder, cls):
 # `cls.from_pretrained(path, dtype=...).to(device)`: config, weights checked against the class's
 # names and shapes (the Q-Former and query tokens kept float32 for float16, as transformers keeps
 # them), processor when the folder has its files.
-def load(cls, path, dtype="float32", progress=True, device="cpu"):
+def load(cls, path, dtype="float32", progress=True, device="cpu", check_finite=True):
     folder = checkpoint_folder(path)
     config = read_config(folder, cls)
     dtype = check_dtype(dtype)
@@ -390,15 +401,20 @@ def load(cls, path, dtype="float32", progress=True, device="cpu"):
         tied, ignored, keep = blip2.weight_rules(folder, config, dtype)
     else:
         tied, ignored, keep = {}, (), blip2.KEEP_IN_FLOAT32 if dtype == "float16" else ()
+    processor = processor_of(folder, config, cls)
+    vocab = ((config.text.vocab_size, "text_config.vocab_size") if cls is Blip2Features
+             else (config.qformer.vocab_size, "qformer_config.vocab_size"))
+    check_processor_fits(folder, processor, *vocab, config.num_query_tokens, config.vision.image_size)
     weights = load_weights(folder, cls.expected_shapes(config), tied=tied, ignored=ignored, dtype=dtype,
-                           keep_float32=keep, device=device, progress=progress)
-    return cls(config, weights, processor_of(folder, config, cls))
+                           keep_float32=keep, device=device, progress=progress, check_finite=check_finite)
+    return cls(config, weights, processor)
 
 
 # Blip2Processor.from_pretrained(folder), when the folder has the files: the text models read
 # BERT's vocabulary (vocab.txt), Blip2Model the language model's tokenizer, and the vision
 # model only needs the image half.
 def processor_of(folder, config, cls):
+    check_tokenizer_present(folder, has_processor_files(folder))
     if not has_processor_files(folder):
         return None
     if cls is Blip2Features:

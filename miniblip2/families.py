@@ -6,7 +6,7 @@ table below is the one place that says which glue runs which class. Within a fam
 config's `model_type` picks the language model (Blip2ForConditionalGeneration: "opt" or "t5").
 """
 
-from . import blip2, blip2_retrieval
+from . import blip, blip2, blip2_retrieval
 from .checkpoint.config import read_config_json
 from .checkpoint.loading import checkpoint_folder
 from .errors import CheckpointError
@@ -18,6 +18,8 @@ FAMILIES = {
     "Blip2TextModelWithProjection": blip2_retrieval.load_text_with_projection,
     "Blip2VisionModelWithProjection": blip2_retrieval.load_vision_with_projection,
     "Blip2Model": blip2_retrieval.load_blip2_model,
+    "BlipForConditionalGeneration": blip.load_captioning,  # blip-image-captioning-base, -large
+    "BlipForQuestionAnswering": blip.load_question_answering,  # blip-vqa-base, -capfilt-large
 }
 
 
@@ -31,12 +33,14 @@ def architecture(folder) -> str:
 
 
 # AutoModel.from_pretrained(path, dtype=...).to(device) for the classes in FAMILIES.
-def load(path, dtype="float32", progress=True, device="cpu"):
+def load(path, dtype="float32", progress=True, device="cpu", check_finite=True):
     """The model in checkpoint folder `path` on `device` ("cpu": NumPy, "cuda": CuPy) computing in
-    `dtype` ("float32", "bfloat16"; "float16" where the family allows it)."""
+    `dtype` ("float32", "bfloat16"; "float16" where the family allows it). Every file is checked
+    at load: config, tokenizer and processor files together, and the weights for NaN and infinity
+    (a read of every byte, ~1.5 s for 15 GB; `check_finite=False` skips it)."""
     folder = checkpoint_folder(path)
     name = architecture(folder)
     if name not in FAMILIES:
         raise CheckpointError(f"{folder}/config.json names architecture {name!r}, which miniblip2 does not run; "
                               f"supported: {', '.join(FAMILIES)}")
-    return FAMILIES[name](folder, dtype=dtype, progress=progress, device=device)
+    return FAMILIES[name](folder, dtype=dtype, progress=progress, device=device, check_finite=check_finite)

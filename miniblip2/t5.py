@@ -100,6 +100,13 @@ def t5_config(values: dict) -> T5Config:
     if config.decoder_start_token_id is None:
         raise CheckpointError("text_config has neither decoder_start_token_id nor bos_token_id: T5's decoder "
                               "needs a start token (Flan-T5 uses 0, the pad id)")
+    # relative_position_bucket divides by the exact half of the encoder's half (U // 4) and by
+    # log(max_distance / (U // 2)): both must be positive.
+    buckets, distance = config.relative_attention_num_buckets, config.relative_attention_max_distance
+    if buckets < 4 or distance <= buckets // 2:
+        raise CheckpointError(f"config.json: text_config.relative_attention_num_buckets = {buckets} and "
+                              f"relative_attention_max_distance = {distance}: T5 needs at least 4 buckets and a "
+                              "max distance above half of them (Flan-T5: 32 and 128); fix or re-download config.json")
     return config
 
 

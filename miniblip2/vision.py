@@ -34,6 +34,19 @@ class VisionConfig:
     qkv_bias: bool = True
 
 
+# BlipVisionConfig: BLIP's ViT is the same model (BlipVisionModel has the layers and weight names
+# of Blip2VisionModel) with other defaults: ViT-B/16 at 384 px, 577 tokens, layer norm eps 1e-5.
+@dataclass(frozen=True)
+class BlipVisionConfig(VisionConfig):
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    image_size: int = 384
+    patch_size: int = 16
+    layer_norm_eps: float = 1e-5
+
+
 # Every weight under `vision_model.` with its shape, from the config alone.
 def expected_shapes(c):
     D, F, P = c.hidden_size, c.intermediate_size, c.patch_size

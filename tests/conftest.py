@@ -117,9 +117,11 @@ def pytest_report_header(config):
 
 def pytest_terminal_summary(terminalreporter):
     """Print the largest relative error per stage, the figure the parity bar is about."""
+    from test_blip import LARGEST_BLIP_ERRORS
     from test_flan_t5 import LARGEST_T5_ERRORS
     from test_parity import LARGEST_ERRORS
-    for family, errors in [("BLIP-2 OPT", LARGEST_ERRORS), ("BLIP-2 Flan-T5", LARGEST_T5_ERRORS)]:
+    for family, errors in [("BLIP-2 OPT", LARGEST_ERRORS), ("BLIP-2 Flan-T5", LARGEST_T5_ERRORS),
+                           ("BLIP", LARGEST_BLIP_ERRORS)]:
         if errors:
             terminalreporter.section(f"{family}: largest relative error vs transformers (fp32)")
             for stage, error in errors.items():

@@ -39,8 +39,11 @@ def good_inputs(model, batch=1, text_ids=(5, 6)):
 
 
 def test_missing_folder_and_missing_config(tmp_path):
-    with pytest.raises(CheckpointError, match="not a folder"):
+    with pytest.raises(CheckpointError, match="nowhere does not exist; give the folder of a checkpoint"):
         miniblip2.load(tmp_path / "nowhere")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CheckpointError, match="file is a file, not a folder"):
+        miniblip2.load(tmp_path / "file")
     with pytest.raises(CheckpointError, match="config.json"):
         miniblip2.load(tmp_path)
 
@@ -102,7 +105,7 @@ def test_truncated_weights(tiny, tmp_path):
 
 
 def test_unsupported_compute_dtype(tiny):
-    with pytest.raises(CheckpointError, match="float64.*float32, float16, bfloat16"):
+    with pytest.raises(DeviceError, match="float64.*float32, float16, bfloat16"):
         miniblip2.load(tiny, dtype="float64")
 
 

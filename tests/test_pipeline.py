@@ -125,7 +125,7 @@ def test_cli_explains_a_missing_checkpoint(tmp_path, capsys, monkeypatch):
     assert cli.main(["caption", "x.png"]) == 2
     assert "--weights" in capsys.readouterr().err
     assert cli.main(["caption", "x.png", "--weights", str(tmp_path / "nowhere")]) == 2
-    assert "not a folder" in capsys.readouterr().err
+    assert "nowhere does not exist" in capsys.readouterr().err
 
 
 def test_load_processor_needs_no_weights(folder, tmp_path, images):

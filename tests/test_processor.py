@@ -156,7 +156,7 @@ def test_image_token_mismatch_and_missing_folder(tiny_folder, tmp_path):
     (folder / "config.json").write_text(json.dumps({"image_token_index": 12, "num_query_tokens": 4}))
     with pytest.raises(CheckpointError, match="image_token_index 12 but the tokenizer's <image> is id 499"):
         load_processor(folder)
-    with pytest.raises(CheckpointError, match="not a folder"):
+    with pytest.raises(CheckpointError, match="nowhere does not exist"):
         load_processor(tmp_path / "nowhere")
     folder = copy_folder(tiny_folder, tmp_path / "g", without=["preprocessor_config.json"])
     with pytest.raises(CheckpointError, match="preprocessor_config.json"):

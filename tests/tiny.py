@@ -62,3 +62,45 @@ def tiny_t5_config(vision=None, qformer=None, text=None, num_query_tokens=5):
     return Blip2Config(vision_config=config.vision_config.to_dict(), qformer_config=config.qformer_config.to_dict(),
                        text_config=text_config | (text or {}), num_query_tokens=num_query_tokens,
                        image_token_index=T5_IMAGE_TOKEN)
+
+
+# BLIP, tiny: BlipForConditionalGeneration and BlipForQuestionAnswering share one config. The
+# vocabulary is the tiny BERT tokenizer's ids (miniblip2.testing.tiny_tokenizer, [PAD] 0, [CLS] 2,
+# [SEP] 3, and [DEC] as its last id), then one more row, as BLIP's 30524 rows are BERT's 30522,
+# [DEC] and [ENC]. Every width differs: vision 40 (4 heads of 10), text 36 (4 heads of 9),
+# feed-forward 37 and 44; the text's cross-attention reads the vision width (40). BLIP's VQA
+# decoder reads the question's encoding with weights sized for the image, so there the two
+# widths must be equal (TINY_VQA_VISION: 36, in 6 heads of 6).
+BLIP_VOCAB_SIZE = 120
+BLIP_BOS, BLIP_SEP, BLIP_PAD, BLIP_EOS = BLIP_VOCAB_SIZE - 2, 3, 0, 2  # [DEC], [SEP], [PAD]; eos as BLIP's 2
+
+
+TINY_VQA_VISION = dict(hidden_size=36, num_attention_heads=6)
+
+
+def tiny_blip_config(vision=None, text=None):
+    from transformers import BlipConfig
+    vision_config = dict(hidden_size=40, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                         image_size=30, patch_size=6, layer_norm_eps=1e-6)
+    text_config = dict(vocab_size=BLIP_VOCAB_SIZE, hidden_size=36, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=44, max_position_embeddings=64, bos_token_id=BLIP_BOS,
+                       sep_token_id=BLIP_SEP, pad_token_id=BLIP_PAD, eos_token_id=BLIP_EOS)
+    return BlipConfig(vision_config=vision_config | (vision or {}), text_config=text_config | (text or {}))
+
+
+def tiny_blip_model(config=None, question_answering=False, seed=0):
+    """A random BlipForConditionalGeneration (or BlipForQuestionAnswering) in fp32, eval mode,
+    eager attention, every parameter re-drawn as in tiny_model (the tied output layer with the
+    word embeddings it shares)."""
+    from transformers import BlipForConditionalGeneration, BlipForQuestionAnswering
+    torch.manual_seed(seed)
+    cls = BlipForQuestionAnswering if question_answering else BlipForConditionalGeneration
+    model = cls(config or tiny_blip_config()).eval()
+    model.config._attn_implementation = "eager"
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("LayerNorm.weight") or "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(0.2 * torch.randn_like(p))
+    return model

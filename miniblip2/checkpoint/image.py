@@ -23,7 +23,8 @@ import PIL.Image
 import PIL.ImageOps
 
 from ..errors import CheckpointError, ImageError
-from .config import read_json
+from .config import check_field, read_json
+from .paths import kind, user_path
 
 # OPENAI_CLIP_MEAN / OPENAI_CLIP_STD in transformers' image_utils.py: BLIP-2's EVA ViT was
 # trained with CLIP's statistics, not ImageNet's.
@@ -55,29 +56,33 @@ class ImageConfig:
 
 # `BlipImageProcessor.from_pretrained`: preprocessor_config.json, or the "image_processor" entry
 # that transformers v5 writes into processor_config.json instead.
+# Every value is checked against ImageConfig's annotation as config.json's are (config.check_field):
+# a rescale_factor given as a string, a std of 0 (a division by zero), a NaN, refused here.
 def read_image_config(folder) -> ImageConfig:
     folder = Path(folder)
-    settings = image_processor_settings(folder)
-    known = {f.name for f in fields(ImageConfig)}
+    settings, file = image_processor_settings(folder)
+    known = {f.name: f for f in fields(ImageConfig)}
     values = {k: v for k, v in settings.items() if k in known and v is not None}
-    values.update(size_fields(settings.get("size"), folder))
+    values.update(size_fields(settings.get("size"), folder / file))
     for key in ("image_mean", "image_std"):
         if key in values:
-            values[key] = channel_values(values[key], key, folder)
+            values[key] = channel_values(values[key], key, folder / file)
+    values = {k: check_field(f"{folder / file}: {k}", k, v, known[k].type, file) for k, v in values.items()}
     if values.get("resample", 3) not in {int(r) for r in PIL.Image.Resampling}:
-        raise CheckpointError(f"{folder}: resample={values['resample']!r} is not a PIL resampling "
+        raise CheckpointError(f"{folder / file}: resample={values['resample']!r} is not a PIL resampling "
                               "filter (0-5); fix the image processor config.")
     return ImageConfig(**values)
 
 
-# The image processor's settings as saved: its own file, or (v5) an entry of the processor's.
-def image_processor_settings(folder: Path) -> dict:
+# The image processor's settings as saved, and the file they came from: its own file, or (v5) an
+# entry of the processor's.
+def image_processor_settings(folder: Path) -> tuple[dict, str]:
     preprocessor = folder / "preprocessor_config.json"
     if preprocessor.is_file():
-        return read_json(preprocessor)
+        return read_json(preprocessor), preprocessor.name
     processor = folder / "processor_config.json"
     if processor.is_file() and isinstance(read_json(processor).get("image_processor"), dict):
-        return read_json(processor)["image_processor"]
+        return read_json(processor)["image_processor"], processor.name
     raise CheckpointError(f"{folder} has no preprocessor_config.json (and no processor_config.json "
                           "with an 'image_processor' entry); download it with the checkpoint.")
 
@@ -103,11 +108,11 @@ def is_positive_int(value) -> bool:
 
 
 # image_mean / image_std: three numbers, one per RGB channel (transformers also allows one number).
-def channel_values(values, key: str, folder: Path) -> tuple[float, ...]:
+def channel_values(values, key: str, folder: Path) -> tuple:
     values = tuple(values) if isinstance(values, (list, tuple)) else (values,) * 3
-    if len(values) != 3 or not all(isinstance(v, (int, float)) for v in values):
+    if len(values) != 3:
         raise CheckpointError(f"{folder}: {key} = {values!r}; RGB needs 3 numbers (or one number).")
-    return tuple(float(v) for v in values)
+    return values  # each checked to be a finite number (and the std's above 0) by check_field
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,7 +130,7 @@ def load_image(image) -> PIL.Image.Image:
     Transparent pixels are composited onto white. 16/32-bit images are scaled down to 8 bits.
     """
     if isinstance(image, (str, Path)):
-        image = open_image_file(Path(image).expanduser())
+        image = open_image_file(user_path(image, "the image path", ImageError))
     elif isinstance(image, np.ndarray):
         image = array_to_pil(image)
     elif isinstance(image, PIL.Image.Image):
@@ -141,10 +146,11 @@ def load_image(image) -> PIL.Image.Image:
 
 # `PIL.Image.open` + `ImageOps.exif_transpose`, as transformers' load_image does for a path.
 def open_image_file(path: Path) -> PIL.Image.Image:
-    if not path.exists():
+    found = kind(path, "the image path", ImageError)
+    if found is None:
         raise ImageError(f"{path}: no such file; check the path.")
-    if not path.is_file():
-        raise ImageError(f"{path} is not a file; pass the path of an image file.")
+    if found != "file":
+        raise ImageError(f"{path} is a {found}, not a file; pass the path of an image file.")
     try:
         with PIL.Image.open(path) as image:
             image.load()  # decode now, inside the try: a truncated file fails here, not later
@@ -228,11 +234,18 @@ def float_to_8bit(image: PIL.Image.Image, values: np.ndarray) -> PIL.Image.Image
 # transparent palette/colour is composited onto white, so transparent pixels read as white paper
 # instead of whatever colour happens to be stored under alpha = 0.
 def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
+    if is_transparent(image):
         rgba = image.convert("RGBA")
         white = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return PIL.Image.alpha_composite(white, rgba).convert("RGB")
     return image.convert("RGB")  # CMYK, P, L, 1, YCbCr, ... (a copy when already RGB)
+
+
+# An alpha band (RGBA, LA, PA, and their premultiplied RGBa, La) or a transparent palette entry
+# or colour. Not a band named "A": LAB's A is the green-red axis, and compositing it would
+# treat a colour channel as opacity.
+def is_transparent(image: PIL.Image.Image) -> bool:
+    return image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or image.info.get("transparency") is not None
 
 
 # ---------------------------------------------------------------------------------------------

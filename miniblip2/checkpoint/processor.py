@@ -35,9 +35,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import CheckpointError, PromptError
+from ..errors import CheckpointError, ImageError, PromptError
 from .config import read_json
 from .image import ImageConfig, preprocess, read_image_config
+from .loading import checkpoint_folder
 from .tokenizer import Tokenizer, load_tokenizer, with_image_token
 
 
@@ -62,6 +63,8 @@ class Processor:
         padding_side = self.padding_side if padding_side is None else padding_side
         if images is None and text is None:
             raise PromptError("give images, text or both.")
+        if isinstance(images, (list, tuple)) and not images:
+            raise ImageError("images is an empty list; give one image or a non-empty list of images.")
         if padding_side not in ("left", "right"):
             raise PromptError(f"padding_side must be 'left' or 'right', not {padding_side!r}.")
         inputs = {}
@@ -132,15 +135,38 @@ def prepend_image_tokens(input_ids: np.ndarray, attention_mask: np.ndarray, imag
 
 # `Blip2Processor.from_pretrained(folder)`: only the small files, no weights.
 def load_processor(folder) -> Processor:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder} is not a folder; give the checkpoint folder with the "
-                              "tokenizer and preprocessor files.")
+    folder = checkpoint_folder(folder)  # a missing path, a file, a URL or a hub id: said so
     tokenizer = with_image_token(load_tokenizer(folder))  # Blip2Processor.__init__ (re)adds <image> as special
     return Processor(image_config=read_image_config(folder), tokenizer=tokenizer,
                      num_query_tokens=read_num_query_tokens(folder),
                      image_token_id=read_image_token_id(folder, tokenizer),
                      padding_side=read_padding_side(folder))
+
+
+# `BlipProcessor` (models/blip/processing_blip.py): BLIP's image processor and BERT's tokenizer
+# side by side, with nothing between them: no image placeholders (BLIP's text model reads the
+# image through cross-attention), padding on the right (BertTokenizer's side), no token_type_ids,
+# and no `<image>` token added to the tokenizer. For blip-image-captioning-base:
+#     pixel_values    [B, 3, 384, 384] float32
+#     input_ids       [B, T] int64     [CLS] 101, the text, [SEP] 102, padded with [PAD] 0
+#     attention_mask  [B, T] int64     0 on padding
+@dataclass(frozen=True)
+class BlipProcessor(Processor):
+    num_query_tokens: int = 0
+    image_token_id: int | None = None
+    padding_side: str = "right"
+
+    def text_inputs(self, prompts: list[str], with_images: bool, padding_side: str) -> dict[str, np.ndarray]:
+        rows = [self.tokenizer.encode(prompt) for prompt in prompts]  # B x [T_b]: [101, ..., 102]
+        input_ids, attention_mask = pad(rows, self.tokenizer.pad_token_id, padding_side)  # [B, T]
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+# `BlipProcessor.from_pretrained(folder)`: preprocessor_config.json (or the v5 processor_config.json
+# entry) and the BERT tokenizer, as they are.
+def load_blip_processor(folder) -> BlipProcessor:
+    folder = checkpoint_folder(folder)  # a missing path, a file, a URL or a hub id: said so
+    return BlipProcessor(image_config=read_image_config(folder), tokenizer=load_tokenizer(folder))
 
 
 # Whether the folder has the files load_processor needs beyond the model's: a tokenizer.
@@ -169,8 +195,12 @@ def load_retrieval_processor(folder, num_query_tokens: int, image_token_index: i
 def read_padding_side(folder: Path) -> str:
     config = read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
     decoder_only = config.get("use_decoder_only_language_model")
+    if decoder_only is not None and not isinstance(decoder_only, bool):
+        raise CheckpointError(f"{folder}/config.json: use_decoder_only_language_model = {decoder_only!r}: expected "
+                              "true or false; fix or re-download config.json")
     if decoder_only is None:
-        decoder_only = (config.get("text_config") or {}).get("model_type", "opt") != "t5"
+        text = config.get("text_config")
+        decoder_only = (text.get("model_type", "opt") if isinstance(text, dict) else "opt") != "t5"
     return "left" if decoder_only else "right"
 
 

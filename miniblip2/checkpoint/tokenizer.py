@@ -48,6 +48,10 @@ BERT (blip2-itm-vit-g, the Q-Former's text), a WordPiece, mirrors transformers' 
 Quirks of the BLIP-2 ITM files (CHECKPOINTS.md 7.4): 30,522 BERT entries plus `[DEC]` = 30522, the
 BOS token of BLIP's decoder, from added_tokens.json, so the Q-Former's 30,523 rows are all used;
 [PAD] = 0, [UNK] = 100, [CLS] = 101, [SEP] = 102 (BERT has no EOS: [SEP] stands in), [MASK] = 103.
+The BLIP files (blip-image-captioning-*, blip-vqa-*; CHECKPOINTS.md 4.1, 7.2) are the same
+BertTokenizer with a tokenizer.json: its 30,522 entries and no [DEC]. BLIP's `[DEC]` = 30522 and
+`[ENC]` = 30523 are rows of the model only; decoding drops them, as it drops any id past the
+vocabulary.
 
 Legend: B prompts in a batch, T tokens.
 """
@@ -68,9 +72,16 @@ from tokenizers import (
 from tokenizers import Tokenizer as Backend
 
 from ..errors import CheckpointError, PromptError
-from .config import read_json
+from .config import check_field, read_json, shown
 
 IMAGE_TOKEN = "<image>"
+
+
+# What `tokenizers` raises on a malformed file or text: its exceptions, and for some fields a Rust
+# panic, which pyo3 raises as PanicException, a BaseException that `except Exception` misses (its
+# class cannot be imported, so it is told by name). Ctrl-C and exit still pass through.
+def library_error(err: BaseException) -> bool:
+    return isinstance(err, Exception) or type(err).__name__ == "PanicException"
 
 
 @dataclass(frozen=True)
@@ -94,7 +105,9 @@ class Tokenizer:
             raise PromptError(f"a prompt must be a str, not {type(text).__name__}.")
         try:
             return self.backend.encode(text).ids  # [T]: OPT [2, ...], T5 [..., 1]
-        except Exception as err:  # e.g. lone surrogates ("\ud800") that are not valid UTF-8
+        except BaseException as err:  # e.g. lone surrogates ("\ud800") that are not valid UTF-8
+            if not library_error(err):
+                raise
             raise PromptError(f"the prompt could not be tokenized ({err}); it must be valid "
                               "Unicode text (no lone surrogate characters).") from err
 
@@ -213,7 +226,8 @@ BERT_SPECIAL_TOKENS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": 
 # vocab.txt, one token a line, the line number its id; or the vocabulary in tokenizer.json.
 def bert_vocab(folder: Path):
     if (folder / "tokenizer.json").is_file():
-        vocab = read_json(folder / "tokenizer.json").get("model", {}).get("vocab")
+        model = read_json(folder / "tokenizer.json").get("model")
+        vocab = model.get("vocab") if isinstance(model, dict) else None
         if isinstance(vocab, dict):
             return vocab
     if not (folder / "vocab.txt").is_file():
@@ -221,7 +235,9 @@ def bert_vocab(folder: Path):
                               "download the tokenizer files with the checkpoint.")
     try:
         return models.WordPiece.read_file(str(folder / "vocab.txt"))
-    except Exception as err:
+    except BaseException as err:
+        if not library_error(err):
+            raise
         raise CheckpointError(f"{folder}/vocab.txt could not be read ({err}); re-download it.") from err
 
 
@@ -236,15 +252,23 @@ def t5_unigram(folder: Path) -> Backend:
     if not path.is_file():
         raise CheckpointError(f"{folder} has no tokenizer.json; the T5 tokenizer is read from it (spiece.model "
                               "alone is not supported), download it with the checkpoint.")
+    charsmap = precompiled_charsmap(read_json(path).get("normalizer"))  # first: bad base64 makes tokenizers panic
     try:
         backend = Backend.from_file(str(path))
-    except Exception as err:
+    except BaseException as err:
+        if not library_error(err):
+            raise
         raise CheckpointError(f"{path} could not be loaded ({err}); re-download it.") from err
     if not isinstance(backend.model, models.Unigram):
         raise CheckpointError(f"{path} holds a {type(backend.model).__name__} model, but tokenizer_config.json "
                               "says T5Tokenizer, which is a Unigram; the tokenizer files do not match.")
-    charsmap = precompiled_charsmap(read_json(path).get("normalizer"))
-    backend.normalizer = normalizers.Precompiled(charsmap) if charsmap else None
+    try:
+        backend.normalizer = normalizers.Precompiled(charsmap) if charsmap else None
+    except BaseException as err:
+        if not library_error(err):
+            raise
+        raise CheckpointError(f"{path}: normalizer.precompiled_charsmap could not be read ({err}); "
+                              "re-download it.") from err
     backend.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.WhitespaceSplit(),  # "a  b\n" -> "a", "b": runs of whitespace vanish
         pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)])  # "a" -> "▁a"
@@ -255,10 +279,14 @@ def t5_unigram(folder: Path) -> Backend:
 # The SentencePiece charsmap (bytes) in tokenizer.json's normalizer, which is either the
 # Precompiled entry itself or a Sequence holding it; None if there is none.
 def precompiled_charsmap(normalizer: dict | None) -> bytes | None:
-    entries = (normalizer or {}).get("normalizers", [normalizer] if normalizer else [])
-    for entry in entries:
-        if entry.get("type") == "Precompiled" and entry.get("precompiled_charsmap"):
-            return base64.b64decode(entry["precompiled_charsmap"])
+    entries = normalizer.get("normalizers", [normalizer]) if isinstance(normalizer, dict) else []
+    for entry in entries if isinstance(entries, list) else []:
+        if isinstance(entry, dict) and entry.get("type") == "Precompiled" and entry.get("precompiled_charsmap"):
+            try:
+                return base64.b64decode(entry["precompiled_charsmap"], validate=True)
+            except (TypeError, ValueError) as err:
+                raise CheckpointError(f"tokenizer.json: normalizer.precompiled_charsmap is not base64 ({err}); "
+                                      "re-download tokenizer.json") from err
     return None
 
 
@@ -274,7 +302,9 @@ def backend_from_files(folder: Path, special: dict) -> Backend:
     if tokenizer_json.is_file():
         try:
             return Backend.from_file(str(tokenizer_json))
-        except Exception as err:
+        except BaseException as err:
+            if not library_error(err):
+                raise
             raise CheckpointError(f"{tokenizer_json} could not be loaded ({err}); re-download it.") from err
     if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
         return byte_level_bpe(folder, special)
@@ -287,7 +317,9 @@ def backend_from_files(folder: Path, special: dict) -> Backend:
 def byte_level_bpe(folder: Path, special: dict) -> Backend:
     try:
         vocab, merges = models.BPE.read_file(str(folder / "vocab.json"), str(folder / "merges.txt"))
-    except Exception as err:
+    except BaseException as err:
+        if not library_error(err):
+            raise
         raise CheckpointError(f"{folder}/vocab.json or merges.txt could not be read ({err}); "
                               "re-download them.") from err
     backend = Backend(models.BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
@@ -307,9 +339,20 @@ def byte_level_bpe(folder: Path, special: dict) -> Backend:
 def config_added_tokens(folder: Path) -> list[AddedToken]:
     path = folder / "tokenizer_config.json"
     entries = read_json(path).get("added_tokens_decoder", {}) if path.is_file() else {}
+    if not isinstance(entries, dict):
+        raise CheckpointError(f"{path}: added_tokens_decoder = {shown(entries)}: expected an object "
+                              '{"id": {"content": ..., ...}}; re-download tokenizer_config.json')
     flags = ("single_word", "lstrip", "rstrip", "normalized", "special")
-    return [AddedToken(entry["content"], **{f: entry[f] for f in flags if f in entry})
-            for _, entry in sorted(entries.items(), key=lambda item: int(item[0]))]
+    tokens = []
+    for key, entry in entries.items():
+        where = f"{path}: added_tokens_decoder[{key!r}]"
+        if not key.isdigit() or not isinstance(entry, dict) or not isinstance(entry.get("content"), str):
+            raise CheckpointError(f"{where} = {shown(entry)}: each entry needs a numeric id and a \"content\" string; "
+                                  "re-download tokenizer_config.json")
+        settings = {f: check_field(f"{where}.{f}", f, entry[f], bool, "tokenizer_config.json")
+                    for f in flags if f in entry}
+        tokens.append((int(key), AddedToken(entry["content"], **settings)))
+    return [token for _, token in sorted(tokens, key=lambda item: item[0])]
 
 
 # added_tokens.json {"<image>": 50265}: the token BLIP-2 added to the language model's vocabulary;
@@ -327,7 +370,12 @@ def with_added_tokens_json(backend: Backend, folder: Path, special: dict) -> Bac
     legacy = "added_tokens_decoder" not in (read_json(config) if config.is_file() else {})
     named = {special.get(key) for key in ("bos_token", "eos_token", "unk_token", "pad_token")}
     named |= set(special.get("additional_special_tokens", []))
-    for content, expected in sorted(read_json(path).items(), key=lambda item: item[1]):
+    added = read_json(path)
+    for content, expected in added.items():
+        if not (isinstance(expected, int) and not isinstance(expected, bool) and expected >= 0):
+            raise CheckpointError(f"{path}: {content!r} = {shown(expected)}: expected a token id (an integer >= 0); "
+                                  "re-download added_tokens.json")
+    for content, expected in sorted(added.items(), key=lambda item: item[1]):
         if backend.token_to_id(content) is None:
             is_special = content in named if legacy else content == IMAGE_TOKEN
             token = AddedToken(content, normalized=legacy and not is_special, special=is_special)
@@ -359,24 +407,40 @@ def set_post_processor(backend: Backend, folder: Path, special: dict) -> None:
 # bos/eos/unk/pad names, the additional special tokens (T5's sentinels), add_* flags and the
 # tokenizer class: tokenizer_config.json first, special_tokens_map.json for anything it leaves
 # out. Token values are either "</s>" or {"content": "</s>", ...}.
+# Every value is checked for its type, naming the file and key: a token given as a number or a
+# list, a flag given as a string, would otherwise fail deep in `tokenizers` or pass as truthy.
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "cls_token", "sep_token", "mask_token")
+SETTING_TYPES = {"add_bos_token": bool | None, "add_eos_token": bool | None, "add_prefix_space": bool | None,
+                 "clean_up_tokenization_spaces": bool | None, "tokenizer_class": str | None,
+                 "do_lower_case": bool | None, "strip_accents": bool | None, "tokenize_chinese_chars": bool | None}
+
+
 def special_token_names(folder: Path) -> dict:
-    def content(value):
-        return value["content"] if isinstance(value, dict) else value
     names = {}
     for name in ("special_tokens_map.json", "tokenizer_config.json"):  # later file wins
         path = folder / name
         if path.is_file():
             for key, value in read_json(path).items():
-                if key in ("bos_token", "eos_token", "unk_token", "pad_token", "cls_token", "sep_token",
-                           "mask_token"):
-                    names[key] = content(value)
+                if key in SPECIAL_TOKEN_KEYS:
+                    names[key] = token_content(value, f"{path}: {key}")
                 elif key == "additional_special_tokens":
-                    names[key] = [content(v) for v in value]
-                elif key in ("add_bos_token", "add_eos_token", "add_prefix_space",
-                             "clean_up_tokenization_spaces", "tokenizer_class",
-                             "do_lower_case", "strip_accents", "tokenize_chinese_chars"):
-                    names[key] = value
-    return names
+                    if not isinstance(value, list):
+                        raise CheckpointError(f"{path}: additional_special_tokens = {shown(value)}: expected a list of "
+                                              f"tokens; re-download {name}")
+                    names[key] = [token_content(v, f"{path}: additional_special_tokens[{i}]")
+                                  for i, v in enumerate(value)]
+                elif key in SETTING_TYPES:
+                    names[key] = check_field(f"{path}: {key}", key, value, SETTING_TYPES[key], name)
+    return {key: value for key, value in names.items() if value is not None}
+
+
+# A special token as saved: "</s>", {"content": "</s>", ...}, or null for none.
+def token_content(value, where: str):
+    content = value.get("content", value) if isinstance(value, dict) else value
+    if content is None or isinstance(content, str):
+        return content
+    raise CheckpointError(f"{where} = {shown(value)}: a special token must be a string or "
+                          '{"content": string, ...}; re-download the tokenizer files')
 
 
 # The id of a named special token ("</s>" -> 2); a name missing from the vocabulary is an error.

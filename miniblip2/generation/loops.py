@@ -38,6 +38,7 @@ V vocabulary, C candidates kept per input, L = T + N.
 
 import numpy as np
 
+from ..errors import NonFiniteError
 from ..nn import namespace
 from ..runtime.device import to_numpy
 from .processors import greedy_choice, log_softmax, process_logits, sample_choice, sample_without_replacement, topk
@@ -71,15 +72,33 @@ def sample_steps(decoder, gen, rng=None):
     for step in range(gen.max_new_tokens):
         scores = process_logits(input_ids, logits, gen, T, ignore)
         next_ids = sample_choice(scores, rng) if gen.do_sample else greedy_choice(scores)
+        # argmax takes a NaN over any number (and an inf too): the chosen score is finite unless the
+        # row's scores went wrong. Such a row's id becomes -1, which comes back with the ids.
+        broken = ~xp.isfinite(xp.take_along_axis(scores, next_ids[:, None], axis=1)[:, 0]) & ~finished  # [R]
         next_ids = xp.where(finished, pad, next_ids.astype(input_ids.dtype))  # [R]
+        next_ids = xp.where(broken, -1, next_ids)
         input_ids = xp.concat([input_ids, next_ids[:, None]], axis=1)
         finished = finished | xp.any(next_ids[:, None] == eos[None, :], axis=1)
         chosen = to_numpy(next_ids)  # the step's one transfer to the host
+        check_scores(chosen < 0, step, gen)
         stopped = stopped | np.isin(chosen, gen.eos_token_ids)
         yield chosen
         if stopped.all() or step + 1 == gen.max_new_tokens:
             return
         logits, state = decoder.step(next_ids, state)
+
+
+# NaN or infinity in a step's scores: the weights, the pixels or a setting (a tiny temperature,
+# a huge repetition penalty) overflowed. transformers decodes such scores into arbitrary ids (or
+# fails in torch.multinomial); here the rows are named and nothing wrong is returned.
+def check_scores(broken, step, gen):  # broken: [R] bool on the host, or one bool for all inputs
+    if np.any(broken):
+        rows = f"rows {np.flatnonzero(broken).tolist()}" if np.ndim(broken) else "every beam of an input"
+        raise NonFiniteError(
+            f"the scores of new token {step + 1} are NaN or infinite ({rows}), so no token can be chosen; "
+            "the weights or pixel_values hold NaN or infinity, or the settings overflow (temperature="
+            f"{gen.temperature}, repetition_penalty={gen.repetition_penalty}). Check the inputs, load the weights "
+            "with check_finite=True (the default), or try dtype='float32'")
 
 
 # GenerationMixin._gather_beams: for each input, the beams (or candidates) listed in `indices`.
@@ -179,7 +198,12 @@ def beam_search(decoder, gen, rng=None):  # -> [B*n, L]
         finished = update_finished(finished, cand_seqs, cand_scores, ended, improvable, gen, cur_len, T)
         improvable = still_improvable(improvable, running_scores, finished, gen, cur_len + 1, T, L)
         all_done = xp.all(finished[3]) & (gen.early_stopping is True)
-        if bool(~xp.any(improvable) | all_done | xp.all(ended)):  # the step's one transfer to the host
+        # NaN sorts last, so an input's best candidate is NaN only when all its scores are NaN (an
+        # inf logit gives NaN log-probabilities too): the flag comes back with the stop flag, as 2.
+        broken = xp.any(xp.isnan(cand_scores[:, 0]))
+        flags = int((~xp.any(improvable) | all_done | xp.all(ended)) + 2 * broken)  # the step's one transfer
+        check_scores(flags >= 2, cur_len - T, gen)
+        if flags:
             break
         rows = (beam_idx + xp.arange(B)[:, None] * K).reshape(R)  # each new row's source row
         logits, state = decoder.step(running[:, :, cur_len].reshape(R), decoder.reorder(state, rows))

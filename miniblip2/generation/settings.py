@@ -73,8 +73,10 @@ def resolve_generation_config(defaults, arguments, prompt_length, max_positions,
     eos = (int(eos),) if isinstance(eos, numbers.Integral) else tuple(int(e) for e in eos)
     pad = values["pad_token_id"] if values["pad_token_id"] is not None else eos[0]  # _prepare_special_tokens
     min_new = values["min_new_tokens"]
+    max_new_tokens = new_token_budget(values, prompt_length, max_positions)
+    check_minimum_fits(values, prompt_length, max_new_tokens)
     return GenerationConfig(
-        max_new_tokens=new_token_budget(values, prompt_length, max_positions),
+        max_new_tokens=max_new_tokens,
         min_length=prompt_length + min_new if min_new is not None else values["min_length"],
         min_new_tokens=min_new or 0, do_sample=values["do_sample"], num_beams=values["num_beams"],
         num_return_sequences=values["num_return_sequences"], temperature=float(values["temperature"]),
@@ -102,6 +104,39 @@ def new_token_budget(values, prompt_length, max_positions):
     return budget
 
 
+# A minimum the maximum leaves no room for: transformers would suppress EOS to the end and stop at
+# the maximum anyway, so the minimum is a mistake; say which two settings disagree.
+def check_minimum_fits(values, prompt_length, max_new_tokens):
+    min_new, min_length = values["min_new_tokens"], values["min_length"]
+    if min_new is not None and min_new > max_new_tokens:
+        raise PromptError(f"`min_new_tokens` ({min_new}) is more than the {max_new_tokens} new tokens allowed "
+                          "(`max_new_tokens`, or `max_length` minus the prompt): lower `min_new_tokens` or raise "
+                          "`max_new_tokens`.")
+    if min_new is None and min_length > prompt_length + max_new_tokens:
+        raise PromptError(f"`min_length` ({min_length}, prompt included) is more than the prompt ({prompt_length}) "
+                          f"plus the {max_new_tokens} new tokens allowed: lower `min_length` or raise "
+                          "`max_new_tokens`.")
+
+
+# What one generation holds at once, refused up front when it cannot fit: every row (an input
+# times its beams or samples) keeps `bytes_per_position` (the KV cache, float32) for each of its
+# `positions`, and each step's scores [rows, V] pass through a few float64-wide temporaries.
+# Without this a num_return_sequences in the millions dies in MemoryError or the OOM killer.
+SCORE_TEMPORARIES = 4
+
+
+def check_memory(gen, batch, positions, bytes_per_position, vocab_size, available, where):
+    per_input = max(gen.num_beams, gen.num_return_sequences)
+    rows = batch * per_input
+    need = rows * (positions * bytes_per_position + SCORE_TEMPORARIES * vocab_size * 8)
+    if need > available:
+        raise PromptError(f"this generation would need about {need / 2**30:,.1f} GiB ({batch} input(s) x {per_input} "
+                          f"(num_beams={gen.num_beams}, num_return_sequences={gen.num_return_sequences}) rows of "
+                          f"{positions} positions, max_new_tokens={gen.max_new_tokens}), more than the "
+                          f"{available / 2**30:,.1f} GiB available {where}: lower num_return_sequences, num_beams, "
+                          "max_new_tokens or the number of images.")
+
+
 def check_values(values, vocab_size):
     for name, low in [("max_new_tokens", 1), ("max_length", 1), ("min_new_tokens", 0), ("min_length", 0),
                       ("num_beams", 1), ("num_return_sequences", 1), ("top_k", 0), ("no_repeat_ngram_size", 0),
@@ -112,14 +147,15 @@ def check_values(values, vocab_size):
         raise PromptError(f"`do_sample` must be True or False, but is {values['do_sample']!r}.")
     if values["early_stopping"] not in (True, False, "never") or not isinstance(values["early_stopping"], (bool, str)):
         raise PromptError(f"`early_stopping` must be a boolean or 'never', but is {values['early_stopping']!r}.")
-    if not is_real(values["temperature"]) or not values["temperature"] > 0:
-        raise PromptError(f"`temperature` (={values['temperature']!r}) has to be a strictly positive float, otherwise "
-                          "your next token scores will be invalid. For greedy decoding set `do_sample=False`.")
+    if not is_real(values["temperature"]) or not 0 < values["temperature"] < np.inf:
+        raise PromptError(f"`temperature` (={values['temperature']!r}) has to be a strictly positive, finite float, "
+                          "otherwise your next token scores will be invalid. For greedy decoding set "
+                          "`do_sample=False`.")
     if not is_real(values["top_p"]) or not 0 < values["top_p"] <= 1:
         raise PromptError(f"`top_p` has to be a float > 0 and <= 1 (1 turns it off), but is {values['top_p']!r}.")
-    if not is_real(values["repetition_penalty"]) or not values["repetition_penalty"] > 0:
-        raise PromptError(f"`repetition_penalty` has to be a strictly positive float (1.0 means no penalty), "
-                          f"but is {values['repetition_penalty']!r}.")
+    if not is_real(values["repetition_penalty"]) or not 0 < values["repetition_penalty"] < np.inf:
+        raise PromptError(f"`repetition_penalty` has to be a strictly positive, finite float (1.0 means no "
+                          f"penalty), but is {values['repetition_penalty']!r}.")
     if not is_real(values["length_penalty"]) or not np.isfinite(values["length_penalty"]):
         raise PromptError(f"`length_penalty` must be a finite number, but is {values['length_penalty']!r}.")
     check_eos(values["eos_token_id"], vocab_size)

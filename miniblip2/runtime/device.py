@@ -10,6 +10,7 @@ then), moves the nested weights there once, and brings results back to NumPy at 
     to_numpy(logits)                     # the one explicit transfer back
 """
 
+import os
 import sys
 
 import numpy as np
@@ -89,3 +90,23 @@ def device_generator(rng, xp):
     if on_host(xp):
         return rng
     return xp.random.default_rng(int(rng.integers(2 ** 63)))
+
+
+# The memory a new allocation can still take, in bytes, for refusing requests that cannot fit:
+# on the host Linux's MemAvailable (free memory plus reclaimable page cache), else the physical
+# total; on a GPU the device's free memory plus what CuPy's pool holds unused.
+def memory_available(xp):
+    if not on_host(xp) and hasattr(xp, "cuda"):
+        free, _ = xp.cuda.runtime.memGetInfo()
+        return free + xp.get_default_memory_pool().free_bytes()
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows): do not refuse on a guess
+        return float("inf")

@@ -31,7 +31,7 @@ import functools
 import numpy as np
 
 from ..checkpoint.safetensors import bf16_to_float32, float32_to_bf16, is_bf16
-from ..errors import CheckpointError
+from ..errors import CheckpointError, DeviceError
 from .device import namespace, on_host
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -95,14 +95,14 @@ def in_float32(fn):
 def check_dtype(dtype):
     """'float32' | 'float16' | 'bfloat16' (a NumPy dtype or torch-like name works too)."""
     name = str(dtype).removeprefix("torch.")
-    if name not in DTYPES:
+    if name not in DTYPES and dtype is not None:  # np.dtype(None) is float64: say None instead
         try:
             name = np.dtype(dtype).name
-        except TypeError:
+        except (TypeError, ValueError, SyntaxError):  # np.dtype("(") raises SyntaxError
             pass
     if name not in DTYPES:
-        raise CheckpointError(f"dtype {dtype!r} is not one miniblip2 computes in; choose one of "
-                              f"{', '.join(DTYPES)}")
+        raise DeviceError(f"dtype {dtype!r} is not one miniblip2 computes in; choose one of "
+                          f"{', '.join(DTYPES)}")
     return name
 
 

@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from ..checkpoint.paths import user_path
 from ..errors import CheckpointError
 
 WEIGHTS_ENV = "MINIBLIP2_WEIGHTS"  # a checkpoint folder to use when none is given
@@ -19,8 +20,8 @@ _announced = False
 def weights_folder(weights=None) -> Path:
     """`weights` if given, else $MINIBLIP2_WEIGHTS, else the shipped shapes model (said once)."""
     global _announced
-    if weights is not None:
-        return Path(weights)
+    if weights is not None:  # checked as a path (not None, empty, a URL, ...); as a folder by load
+        return user_path(weights, "the checkpoint folder", CheckpointError)
     if os.environ.get(WEIGHTS_ENV):
         return Path(os.environ[WEIGHTS_ENV])
     if not (SHAPES_TINY / "config.json").is_file():
