@@ -278,7 +278,7 @@ def load_checkpoint(folder: str | os.PathLike, dtype=np.float32,
     files = [(shard, read_safetensors(shard), names) for shard, names in shards]
     flat, origin = {}, {}
     for shard, tensors, names in files:
-        _check_shard(shard, tensors, names)
+        check_shard(shard, tensors, names)
         for name in tensors:
             if name in origin:
                 raise CheckpointError(
@@ -335,7 +335,7 @@ def _find_shards(folder: Path) -> list[tuple[Path, set[str] | None]]:
         if folder.name.endswith(".safetensors"):
             return [(folder, None)]
         if folder.name.endswith(".safetensors.index.json"):
-            return _read_index(folder)
+            return read_index(folder)
         if folder.name in UNSAFE_FILES or folder.suffix in (".bin", ".pt", ".pth", ".ckpt"):
             raise CheckpointError(_unsafe_message(folder.parent, [folder.name]))
         raise CheckpointError(
@@ -347,7 +347,7 @@ def _find_shards(folder: Path) -> list[tuple[Path, set[str] | None]]:
     if (folder / SINGLE_FILE).is_file():
         return [(folder / SINGLE_FILE, None)]
     if (folder / INDEX_FILE).is_file():
-        return _read_index(folder / INDEX_FILE)
+        return read_index(folder / INDEX_FILE)
     unsafe = [name for name in UNSAFE_FILES if (folder / name).is_file()]
     if unsafe:
         raise CheckpointError(_unsafe_message(folder, unsafe))
@@ -374,15 +374,16 @@ def _unsafe_message(folder: Path, unsafe: list[str]) -> str:
         "safetensors version on a refs/pr/N revision.")
 
 
-def _read_index(index: Path) -> list[tuple[Path, set[str]]]:
-    """model.safetensors.index.json -> [(shard file, the names it should hold)]."""
+def read_index(index: Path) -> list[tuple[Path, set[str]]]:
+    """model.safetensors.index.json (or pytorch_model.bin.index.json) -> [(shard file, the names
+    it should hold)]."""
     try:
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
     except OSError as err:
         raise CheckpointError(f"cannot read {index}: {err.strerror or err}") from err
     except (ValueError, KeyError, TypeError) as err:
         raise CheckpointError(
-            f"{index} is not a valid safetensors index (expected JSON with a \"weight_map\" "
+            f"{index} is not a valid index (expected JSON with a \"weight_map\" "
             f"object of tensor name -> shard file): {err!r}. Download it again.") from err
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(f"{index}: \"weight_map\" must map tensor names to shard file names.")
@@ -402,22 +403,16 @@ def _read_index(index: Path) -> list[tuple[Path, set[str]]]:
     return result
 
 
-def _check_shard(shard: Path, tensors: dict, names: set[str] | None) -> None:
+def check_shard(shard: Path, tensors: dict, names: set[str] | None, index_file: str = INDEX_FILE) -> None:
     """A shard holds exactly the names its index says: a mismatch means mixed downloads."""
     if names is None:
         return
-    missing = sorted(names - tensors.keys())
-    if missing:
-        raise CheckpointError(
-            f"{INDEX_FILE} says {shard.name} holds {len(missing)} tensors it does not have: "
-            f"{_some(missing)}. The shard and the index come from different versions; "
-            "download both again.")
-    extra = sorted(tensors.keys() - names)
-    if extra:
-        raise CheckpointError(
-            f"{shard.name} holds {len(extra)} tensors that {INDEX_FILE} does not list: "
-            f"{_some(extra)}. The shard and the index come from different versions; download "
-            "both again.")
+    for problem, wrong in (("says it holds, but it does not have", names - tensors.keys()),
+                           ("does not list, but it holds", tensors.keys() - names)):
+        if wrong:
+            raise CheckpointError(
+                f"{shard}: {len(wrong)} tensor(s) that {index_file} {problem}: {_some(sorted(wrong))}. "
+                "The shard and the index come from different versions; download both again.")
 
 
 # A tqdm-like bar drawn by hand: one stderr line redrawn with "\r", no dependency.

@@ -41,7 +41,6 @@ Every problem with a file raises `CheckpointError` naming the file and what was 
 """
 
 import io
-import json
 import mmap
 import os
 import pickle
@@ -54,7 +53,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CheckpointError
-from .safetensors import BF16
+from .safetensors import BF16, check_shard, read_index
 
 SINGLE_FILE = "pytorch_model.bin"
 INDEX_FILE = "pytorch_model.bin.index.json"
@@ -417,7 +416,7 @@ def load_torch_checkpoint(folder: str | os.PathLike) -> dict[str, np.ndarray]:
     flat, origin = {}, {}
     for shard, names in _find_shards(Path(folder)):
         tensors = read_torch_bin(shard)
-        _check_shard(shard, tensors, names)
+        check_shard(shard, tensors, names, INDEX_FILE)
         for name, array in tensors.items():
             if name in origin:
                 raise CheckpointError(
@@ -430,7 +429,7 @@ def load_torch_checkpoint(folder: str | os.PathLike) -> dict[str, np.ndarray]:
 def _find_shards(folder: Path) -> list[tuple[Path, set[str] | None]]:
     """[(file, names the index puts in it, or None for a single file)]."""
     if folder.is_file():
-        return _read_index(folder) if folder.name.endswith(".index.json") else [(folder, None)]
+        return read_index(folder) if folder.name.endswith(".index.json") else [(folder, None)]
     if not folder.is_dir():
         raise CheckpointError(
             f"checkpoint folder {folder} does not exist. Pass the folder that holds "
@@ -438,51 +437,9 @@ def _find_shards(folder: Path) -> list[tuple[Path, set[str] | None]]:
     if (folder / SINGLE_FILE).is_file():
         return [(folder / SINGLE_FILE, None)]
     if (folder / INDEX_FILE).is_file():
-        return _read_index(folder / INDEX_FILE)
+        return read_index(folder / INDEX_FILE)
     found = sorted(p.name for p in folder.iterdir())
     raise CheckpointError(
         f"{folder} has no {SINGLE_FILE} or {INDEX_FILE} "
         f"({'it is empty' if not found else 'it holds: ' + ', '.join(found[:10])}"
         f"{' ...' if len(found) > 10 else ''}).")
-
-
-def _read_index(index: Path) -> list[tuple[Path, set[str]]]:
-    """pytorch_model.bin.index.json -> [(shard file, the names it should hold)]."""
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-    except OSError as err:
-        raise CheckpointError(f"cannot read {index}: {err.strerror or err}") from err
-    except (ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(
-            f"{index} is not a valid index (expected JSON with a \"weight_map\" object of "
-            f"tensor name -> shard file): {err!r}. Download it again.") from err
-    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise CheckpointError(f"{index}: \"weight_map\" must map tensor names to shard file names.")
-    shards: dict[str, set[str]] = {}
-    for name, shard in weight_map.items():
-        shards.setdefault(shard, set()).add(name)
-    result = []
-    for shard, names in shards.items():
-        # The index names files next to it, never elsewhere on disk.
-        if Path(shard).name != shard:
-            raise CheckpointError(f"{index} names shard {shard!r}, which is not a plain file name.")
-        if not (index.parent / shard).is_file():
-            raise CheckpointError(
-                f"shard {shard} named by {index} is missing ({len(names)} tensors are in it, "
-                f"e.g. {min(names)!r}). Download it into {index.parent}.")
-        result.append((index.parent / shard, names))
-    return result
-
-
-def _check_shard(shard: Path, tensors: dict, names: set[str] | None) -> None:
-    """A shard holds exactly the names its index says: a mismatch means mixed downloads."""
-    if names is None:
-        return
-    for problem, wrong in (("says it holds, but it does not have", names - tensors.keys()),
-                           ("does not list, but it holds", tensors.keys() - names)):
-        if wrong:
-            listed = ", ".join(repr(n) for n in sorted(wrong)[:10])
-            raise CheckpointError(
-                f"{shard}: {len(wrong)} tensor(s) that {INDEX_FILE} {problem}: {listed}"
-                f"{' ...' if len(wrong) > 10 else ''}. The shard and the index come from "
-                "different versions; download both again.")
