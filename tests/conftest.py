@@ -48,34 +48,31 @@ def save_checkpoint(model, folder, layout="single", dtype=torch.float32):
     return folder
 
 
-@pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory):
-    """checkpoint(config_name, layout, dtype) -> folder, each written once per session."""
+def checkpoint_maker(tmp_path_factory, configs, prefix):
+    """make(config_name, layout, dtype) -> the folder of tiny_model(configs[name]) saved that way,
+    written once per session."""
     made = {}
 
-    def make(name="every-other-cross", layout="single", dtype=torch.float32):
+    def make(name=next(iter(configs)), layout="single", dtype=torch.float32):
         key = (name, layout, dtype)
         if key not in made:
-            folder = tmp_path_factory.mktemp(f"{name}-{layout}-{str(dtype)[6:]}")
-            made[key] = save_checkpoint(tiny_model(CONFIGS[name]), folder, layout, dtype)
+            folder = tmp_path_factory.mktemp(f"{prefix}{name}-{layout}-{str(dtype)[6:]}")
+            made[key] = save_checkpoint(tiny_model(configs[name]), folder, layout, dtype)
         return made[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """checkpoint(config_name, layout, dtype) -> folder of a tiny BLIP-2 OPT, once per session."""
+    return checkpoint_maker(tmp_path_factory, CONFIGS, "")
 
 
 @pytest.fixture(scope="session")
 def t5_checkpoint(tmp_path_factory):
     """t5_checkpoint(config_name, layout, dtype) -> folder of a tiny BLIP-2 Flan-T5, once per session."""
-    made = {}
-
-    def make(name="gated-untied", layout="single", dtype=torch.float32):
-        key = (name, layout, dtype)
-        if key not in made:
-            folder = tmp_path_factory.mktemp(f"t5-{name}-{layout}-{str(dtype)[6:]}")
-            made[key] = save_checkpoint(tiny_model(T5_CONFIGS[name]), folder, layout, dtype)
-        return made[key]
-
-    return make
+    return checkpoint_maker(tmp_path_factory, T5_CONFIGS, "t5-")
 
 
 @pytest.fixture(scope="session")

@@ -31,8 +31,13 @@ def tiny_model(config=None, seed=0):
     transformers initialises some tensors to zeros or ones (biases, layer norms, the K bias);
     every parameter is re-drawn here so that each one matters to the output."""
     torch.manual_seed(seed)
-    model = Blip2ForConditionalGeneration(config or tiny_config()).eval()
-    model.config._attn_implementation = "eager"
+    return redrawn(Blip2ForConditionalGeneration(config or tiny_config()))
+
+
+def redrawn(model):
+    """`model` in eval mode with eager attention and every parameter drawn anew: norm scales near
+    1, everything else N(0, 0.2^2) (the torch seed is the caller's)."""
+    model.eval().config._attn_implementation = "eager"
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("LayerNorm.weight") or "norm" in name and name.endswith("weight"):
@@ -95,12 +100,4 @@ def tiny_blip_model(config=None, question_answering=False, seed=0):
     from transformers import BlipForConditionalGeneration, BlipForQuestionAnswering
     torch.manual_seed(seed)
     cls = BlipForQuestionAnswering if question_answering else BlipForConditionalGeneration
-    model = cls(config or tiny_blip_config()).eval()
-    model.config._attn_implementation = "eager"
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("LayerNorm.weight") or "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-            else:
-                p.copy_(0.2 * torch.randn_like(p))
-    return model
+    return redrawn(cls(config or tiny_blip_config()))
