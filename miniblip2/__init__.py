@@ -7,11 +7,13 @@
     matcher.match("cat.jpg", ["a cat", "a dog"])         # the probability that each text fits
     blip = miniblip2.load("weights/blip-vqa-base")       # BLIP: blip-image-captioning-*, blip-vqa-*
     blip.answer("cat.jpg", "how many cats are there?")
+    miniblip2.load("weights/blip-itm-base-coco").match("cat.jpg", ["a cat", "a dog"])  # BLIP's ITM
 """
 
 from . import shapes
 from .blip import Blip, BlipQuestionAnswering
 from .blip2 import Blip2
+from .blip_retrieval import BlipFeatures, BlipRetrieval, BlipText, BlipVision
 from .blip2_retrieval import Blip2Features, Blip2Retrieval, Blip2TextWithProjection, Blip2VisionWithProjection
 from .checkpoint.processor import load_processor
 from .errors import CheckpointError, DeviceError, ImageError, MiniBlip2Error, NonFiniteError, PromptError
@@ -20,7 +22,7 @@ from .generation.chat import chat_prompt
 from .generation.streaming import TextStreamer
 from .shapes.shipped import weights_folder
 
-__all__ = ["Blip", "BlipQuestionAnswering", "Blip2", "Blip2Features", "Blip2Retrieval", "Blip2TextWithProjection", "Blip2VisionWithProjection",
+__all__ = ["Blip", "BlipFeatures", "BlipQuestionAnswering", "BlipRetrieval", "BlipText", "BlipVision", "Blip2", "Blip2Features", "Blip2Retrieval", "Blip2TextWithProjection", "Blip2VisionWithProjection",
            "CheckpointError", "DeviceError", "ImageError", "MiniBlip2Error", "NonFiniteError", "PromptError",
            "TextStreamer",
            "caption", "chat_prompt", "load", "load_processor", "shapes"]

@@ -8,7 +8,9 @@ and `BlipTextLMHeadModel` in modeling_blip_text.py; blip.py is their glue).
     attention_block    attention, dense, LayerNorm(out + x)        (BertAttention = SelfAttention + SelfOutput)
     feed_forward       dense, activation, dense, LayerNorm(out + x) (BertIntermediate + BertOutput)
     bert_layer         self-attention, cross-attention, feed-forward (BlipTextLayer)
-    text_encoder       bidirectional, reading the image: BLIP's VQA question encoder (BlipTextModel)
+    text_encoder       bidirectional, reading the image or not: BLIP's VQA question encoder and
+                       its matching models' text tower (BlipTextModel)
+    text_pooler        dense + tanh on the first row ([CLS])        (BlipTextPooler)
     text_decoder       causal, with a KV cache, reading the image or the question (BlipTextModel)
     lm_head            dense, GELU, LayerNorm, then the tied word embeddings (BlipTextOnlyMLMHead)
     BlipDecoding       BLIP's text decoder for generation/loops.py
@@ -78,7 +80,8 @@ def embedding_shapes(vocab_size, max_positions, D):
 
 
 # BlipTextModel(add_pooling_layer=False), under `text_encoder.` or `text_decoder.bert.`: every
-# layer reads the image (or the question) through cross-attention.
+# layer reads the image (or the question) through cross-attention, which BlipTextLayer builds
+# only when the config says is_decoder (true in every released BLIP checkpoint).
 def text_model_shapes(c):
     D, F = c.hidden_size, c.intermediate_size
     shapes = {f"embeddings.{name}": shape for name, shape in
@@ -87,9 +90,15 @@ def text_model_shapes(c):
     for i in range(c.num_hidden_layers):
         layer = f"encoder.layer.{i}"
         shapes |= {**attention_shapes(f"{layer}.attention", D, D, inner="self"),
-                   **attention_shapes(f"{layer}.crossattention", D, c.encoder_hidden_size, inner="self"),
                    **feed_forward_shapes(f"{layer}.intermediate", f"{layer}.output", D, F)}
+        if c.is_decoder:
+            shapes |= attention_shapes(f"{layer}.crossattention", D, c.encoder_hidden_size, inner="self")
     return shapes
+
+
+# BlipTextPooler, under `pooler.` of a BlipTextModel built with its pooling layer (BlipModel's).
+def pooler_shapes(c):
+    return linear_shapes("dense", c.hidden_size, c.hidden_size)
 
 
 # BlipTextOnlyMLMHead, under `text_decoder.cls.`.
@@ -227,24 +236,35 @@ def context_kv(context, layers, config):  # [B, S, E] -> ContextKV
 
 
 # BlipTextLayer: self-attention (causal in the decoder, with its cache), cross-attention to the
-# context, feed-forward.
+# context, feed-forward. Without a context (no encoder_hidden_states: BLIP's text alone, for
+# ITC and BlipModel) the layer skips its cross-attention, weights and all.
 def bert_layer(x, w, config, mask, context, cache=None, layer_index=0):  # [B, T, D] -> [B, T, D]
     x = self_attention_block(x, w["attention"], config, mask, cache, layer_index)
-    x = attention_block_kv(x, context.keys[layer_index], context.values[layer_index], w["crossattention"], config)
+    if context is not None:
+        x = attention_block_kv(x, context.keys[layer_index], context.values[layer_index], w["crossattention"], config)
     return feed_forward(x, w["intermediate"], w["output"], config)
 
 
 # BlipTextModel.forward(input_ids, attention_mask, encoder_hidden_states=image) as BLIP's VQA
-# question encoder: positions 0..L-1, bidirectional self-attention under the padding mask,
-# cross-attention to every image token in every layer, no pooler.
-def text_encoder(input_ids, attention_mask, image_embeds, w, config):  # [B, L], [B, L] or None, [B, T, E] -> [B, L, D]
+# question encoder and ITM text tower: positions 0..L-1, bidirectional self-attention under the
+# padding mask, cross-attention to every image token in every layer, no pooler. With
+# image_embeds None, the text alone (ITC, BlipModel): no cross-attention.
+def text_encoder(input_ids, attention_mask, image_embeds, w, config):  # [B, L], [B, L] or None, [B, S, E] -> [B, L, D]
     xp = namespace(input_ids)
     x = bert_embeddings(input_ids, xp.arange(input_ids.shape[1])[None], w["embeddings"], config.layer_norm_eps)
     mask = None if attention_mask is None else padding_mask(attention_mask)  # [B, 1, 1, L]
-    image = context_kv(image_embeds, w["encoder"]["layer"], config)
+    image = None if image_embeds is None else context_kv(image_embeds, w["encoder"]["layer"], config)
     for i, layer in enumerate(w["encoder"]["layer"]):
         x = record(layer, bert_layer(x, layer, config, mask, image, layer_index=i))
     return x
+
+
+# BlipTextPooler: BERT's "pooled" text, the first row ([CLS]) through a dense layer and tanh.
+# tanh runs in float32 and is rounded once, as torch's half kernel does. `w` is `weights[...]["pooler"]`.
+def text_pooler(hidden, w):  # [B, L, D] -> [B, D]
+    xp = namespace(hidden)
+    pooled = linear(hidden[:, 0], w["dense"])  # [B, D]
+    return record(w, like_weight(xp.tanh(pooled.astype(xp.float32, copy=False)), w["dense"]["weight"]))
 
 
 # BlipTextModel.forward(..., is_decoder=True), the decoder's body: causal self-attention over the

@@ -16,6 +16,9 @@ question -> processor -> [CLS] how many dogs ... ? [SEP] -> text_encoder: bidire
          cross-attention to image_embeds -> question_embeds [B, L, 768]
       -> text_decoder from [DEC], cross-attention to question_embeds -> the answer, up to [SEP]
 
+BLIP's matching models (BlipForImageTextRetrieval, BlipModel, BlipTextModel, BlipVisionModel)
+are in blip_retrieval.py, on the same config and towers.
+
 Speaks transformers' vocabulary (`forward`, `generate`, `batch_decode`, `processor(images=...,
 text=...)`), with pixel_values first for both classes (transformers' VQA methods take input_ids
 first; keyword calls are the same). `caption`, `answer` and `stream` take images and text.
@@ -49,7 +52,7 @@ import numpy as np
 
 from .bert import (BlipDecoding, BlipTextConfig, context_kv, lm_head, lm_head_shapes, lm_head_tied_weights,
                    text_decoder, text_encoder, text_model_shapes)
-from .checkpoint.config import check_activation, check_heads, from_dict, read_config_json
+from .checkpoint.config import check_activation, check_field, check_heads, from_dict, read_config_json
 from .checkpoint.loading import check_processor_fits, check_tokenizer_present, checkpoint_folder, load_weights
 from .checkpoint.processor import has_processor_files, load_blip_processor
 from .errors import CheckpointError, PromptError
@@ -65,16 +68,19 @@ from .vision import expected_shapes as vision_shapes
 
 
 # BlipConfig: the ViT and the text model (captioning decoder, VQA encoder and decoder share one
-# text_config).
+# text_config), and the widths of the matching models' projections (blip_retrieval.py).
 @dataclass(frozen=True)
 class BlipConfig:
     vision: VisionConfig = field(default_factory=BlipVisionConfig)
     text: BlipTextConfig = field(default_factory=BlipTextConfig)
+    projection_dim: int = 512  # BlipModel's visual_projection and text_projection
+    image_text_hidden_size: int = 256  # BlipForImageTextRetrieval's vision_proj and text_proj
 
 
 # BlipConfig.from_pretrained: both sub-configs, the text model's cross-attention as wide as the
-# image (BlipConfig.__post_init__), and what generation needs from the text config.
-def config_from_dict(values: dict) -> BlipConfig:
+# image (BlipConfig.__post_init__), and what generation needs from the text config. BlipModel
+# alone can do without cross-attention (needs_cross_attention=False): its text is read alone.
+def config_from_dict(values: dict, needs_cross_attention=True) -> BlipConfig:
     if not isinstance(values, dict) or values.get("model_type") != "blip":
         found = values.get("model_type") if isinstance(values, dict) else values
         raise CheckpointError(f"config.json has model_type {found!r}; this is the BLIP family's loader "
@@ -86,7 +92,7 @@ def config_from_dict(values: dict) -> BlipConfig:
     for where, tower in [("vision_config", vision), ("text_config", text)]:
         check_activation(f"{where}.hidden_act", tower.hidden_act)
         check_heads(where, tower.hidden_size, tower.num_attention_heads)
-    if not text.is_decoder:
+    if needs_cross_attention and not text.is_decoder:
         raise CheckpointError("config.json: text_config.is_decoder is false, so transformers builds BLIP's text "
                               "layers without cross-attention and the text model cannot read the image; fix or "
                               "re-download config.json")
@@ -95,11 +101,13 @@ def config_from_dict(values: dict) -> BlipConfig:
         if getattr(text, key) is None:
             raise CheckpointError(f"config.json: text_config.{key} is null, but BLIP's decoder needs it: it {role}; "
                                   "fix or re-download config.json")
-    return BlipConfig(vision=vision, text=text)
+    widths = {key: check_field(f"config.json: {key}", key, values.get(key, default), int)
+              for key, default in [("projection_dim", 512), ("image_text_hidden_size", 256)]}
+    return BlipConfig(vision=vision, text=text, **widths)
 
 
-def read_config(folder) -> BlipConfig:
-    return config_from_dict(read_config_json(folder))
+def read_config(folder, needs_cross_attention=True) -> BlipConfig:
+    return config_from_dict(read_config_json(folder), needs_cross_attention)
 
 
 def _prefixed(prefix, shapes):

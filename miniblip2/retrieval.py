@@ -1,5 +1,6 @@
-"""What every image-text matching model shares (BLIP-2's Blip2ForImageTextRetrieval now, BLIP's
-BlipForImageTextRetrieval later): unit-length embeddings, and ranking texts against an image.
+"""What every image-text matching model shares (BLIP-2's Blip2ForImageTextRetrieval in
+blip2_retrieval.py, BLIP's BlipForImageTextRetrieval in blip_retrieval.py): unit-length
+embeddings, and ranking texts against an image.
 
     l2_normalize    x / ||x|| over the last axis, as torch.nn.functional.normalize
     rank_texts      model.match + model.similarity for one image and several texts -> [Match], best first
@@ -8,7 +9,7 @@ BlipForImageTextRetrieval later): unit-length embeddings, and ranking texts agai
 A model that can rank texts has `match(image, texts)` (ITM: the probability that each text fits
 the image) and `similarity(images, texts)` (ITC: [images, texts] cosine scores).
 
-Legend: N texts, D embedding width (256 in blip2-itm-vit-g).
+Legend: N texts, D embedding width (256 in blip2-itm-vit-g and blip-itm-base-coco).
 """
 
 from dataclasses import dataclass
@@ -50,7 +51,8 @@ def rank_texts(model, image, texts) -> list[Match]:
     if not (hasattr(model, "match") and hasattr(model, "similarity")):
         raise CheckpointError(
             f"this checkpoint is a {type(model).__name__}, which cannot match images and texts; load an "
-            "image-text retrieval checkpoint (Salesforce/blip2-itm-vit-g or blip2-itm-vit-g-coco)")
+            "image-text retrieval checkpoint (Salesforce/blip2-itm-vit-g, blip2-itm-vit-g-coco, "
+            "blip-itm-base-coco or blip-itm-large-coco)")
     texts = text_list(texts)
     probabilities = model.match(image, texts)  # [N]
     similarities = model.similarity(image, texts)[0]  # [N]

@@ -46,6 +46,14 @@ class Case:
 
 # --- the checkpoints and what the cases share -------------------------------------------------
 
+@pytest.fixture(autouse=True)
+def no_hub(monkeypatch, tmp_path):
+    """Hub ids resolve from an empty cache, offline: these tests never wait on a network."""
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+
+
 @pytest.fixture(scope="module")
 def t5_talker(tmp_path_factory):
     from conftest import save_checkpoint
@@ -733,8 +741,9 @@ IMAGE_CASES = [
     load_case("load-undecodable-bytes", "\udcffweights", "does not exist", cli_path="\udcffweights"),
     load_case("load-url", "https://huggingface.co/Salesforce/blip2-opt-2.7b", "is a URL; miniblip2 reads local files",
               cli_path="https://huggingface.co/Salesforce/blip2-opt-2.7b"),
-    load_case("load-hub-id", "Salesforce/blip2-opt-2.7b", "looks like a Hugging Face hub id, but miniblip2 does not "
-                                                          "download", cli_path="Salesforce/blip2-opt-2.7b"),
+    # A hub id that no cache holds, offline (see `no_hub`): said at once, naming the id.
+    load_case("load-hub-id", "miniblip2-tests/no-such-checkpoint", "no-such-checkpoint is not a folder here",
+              cli_path="miniblip2-tests/no-such-checkpoint"),
     load_case("load-bytes", b"weights", "the checkpoint folder is bytes"),
     load_case("load-int", 7, "the checkpoint folder is a int"),
     load_case("load-a-file", lambda ctx: ctx.image, "picture.png is a file, not a folder",

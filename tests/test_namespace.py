@@ -19,7 +19,7 @@ from miniblip2.blip2 import Blip2
 
 MODEL_CODE = ["nn.py", "runtime/precision.py", "vision.py", "bert.py", "qformer.py", "opt.py", "t5.py",
               "generation/loops.py", "generation/processors.py", "blip2.py", "blip2_retrieval.py", "retrieval.py",
-              "glue.py", "blip.py"]  # BLIP's run on StrictArrays in tests/test_blip.py
+              "glue.py", "blip.py", "blip_retrieval.py"]  # BLIP's run on StrictArrays in test_blip*.py
 
 
 @pytest.fixture(scope="module", params=["float32", "float16", "bfloat16"])

@@ -101,3 +101,31 @@ def tiny_blip_model(config=None, question_answering=False, seed=0):
     torch.manual_seed(seed)
     cls = BlipForQuestionAnswering if question_answering else BlipForConditionalGeneration
     return redrawn(cls(config or tiny_blip_config()))
+
+
+# BLIP's matching models, tiny (tests/test_blip_retrieval.py): tiny_blip_config's towers, with
+# projections as wide as nothing else: ITM/ITC's image_text_hidden_size 14, BlipModel's
+# projection_dim 22. BlipTextModel and BlipVisionModel are built on its text and vision configs
+# (the text's cross-attention then reads 40 wide, the vision width BlipConfig gave it).
+BLIP_MATCHING_WIDTHS = dict(image_text_hidden_size=14, projection_dim=22)
+
+
+def tiny_blip_matching_config(vision=None, text=None):
+    from transformers import BlipConfig
+    base = tiny_blip_config(vision, text)
+    return BlipConfig(vision_config=base.vision_config.to_dict(), text_config=base.text_config.to_dict(),
+                      **BLIP_MATCHING_WIDTHS)
+
+
+def tiny_blip_matching_model(cls, config, seed=0):
+    """A random `cls` (BlipForImageTextRetrieval, BlipModel, BlipTextModel, BlipVisionModel) in
+    fp32, eval mode, every parameter re-drawn as in tiny_model (logit_scale included)."""
+    torch.manual_seed(seed)
+    model = cls(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("LayerNorm.weight") or "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(0.2 * torch.randn_like(p))
+    return model

@@ -2,9 +2,10 @@
 
 Paths arrive as str or os.PathLike from Python and from the command line. Before anything is
 opened, the value itself is checked: None, an empty string (which Path would read as ".", the
-current folder), bytes, a URL or a Hugging Face hub id (miniblip2 never downloads), a name too
-long for the file system, or characters the file system cannot encode. `kind` then says whether
-the path is a file, a folder or nothing, turning the OSErrors of `stat` into the same errors.
+current folder), bytes, a URL, a Hugging Face hub id where a folder is needed (miniblip2.load
+resolves those first, hub.py), a name too long for the file system, or characters the file
+system cannot encode. `kind` then says whether the path is a file, a folder or nothing, turning
+the OSErrors of `stat` into the same errors.
 """
 
 import os
@@ -52,10 +53,10 @@ def kind(path: Path, what: str, error):
                     "check the path") from err
 
 
-# The ending of "does not exist" for a path that looks like a hub id: say it is not downloaded.
+# The ending of "does not exist" for a path that looks like a hub id, reached without going through
+# miniblip2.load (which resolves hub ids, hub.py): say how to get the folder.
 def missing_hint(path: Path) -> str:
     if HUB_ID.match(str(path)):
-        return (f"; {str(path)!r} looks like a Hugging Face hub id, but miniblip2 does not download: "
-                f"download it first (huggingface-cli download {path} --local-dir weights/{path.name}, "
-                "see weights/README.md) and give that folder")
+        return (f"; {str(path)!r} looks like a Hugging Face hub id: miniblip2.load({str(path)!r}) and --weights "
+                f"take those, or `miniblip2 download {path} --dir weights/{path.name}` gives a folder")
     return ""
