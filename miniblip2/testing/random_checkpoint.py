@@ -2,11 +2,13 @@
 
     python -m miniblip2.testing.random_checkpoint weights/tiny-random
     python -m miniblip2.testing.random_checkpoint weights/opt-2.7b-random --preset blip2-opt-2.7b --layers 2
+    python -m miniblip2.testing.random_checkpoint weights/flan-t5-xl-random --preset blip2-flan-t5-xl --layers 2
 
 `tiny` is a few hundred KB with a small byte-level BPE tokenizer and processor files, so the
-whole pipeline (image -> caption) runs; its words are random. `blip2-opt-2.7b` has the real
-config and shapes (cut to `--layers` per tower if asked) for measuring memory and speed; it has
-no tokenizer, so it is driven with token ids. Shards are written one at a time (at most
+whole pipeline (image -> caption) runs; its words are random. `blip2-opt-2.7b` and
+`blip2-flan-t5-xl` have the real config and shapes (cut to `--layers` per tower if asked: T5's
+encoder and decoder both, kept equal) for measuring memory and speed; they have no tokenizer,
+so they are driven with token ids. Shards are written one at a time (at most
 SHARD_BYTES each) so that memory stays bounded at the real size.
 """
 
@@ -34,6 +36,24 @@ BLIP2_OPT_2_7B = {
                     "eos_token_id": 50118, "ffn_dim": 10240, "hidden_size": 2560, "num_attention_heads": 32,
                     "num_hidden_layers": 32, "prefix": "</s>", "vocab_size": 50304, "word_embed_proj_dim": 2560},
 }
+# Salesforce/blip2-flan-t5-xl's config.json as a diff against transformers' defaults. The saved
+# file (shared/reference/blip2-flan-t5-xl/config.json) is the old 4.27 full dict; these are its
+# values that differ from 5.23's defaults, plus the current revision's image_token_index. The
+# vision layer_norm_eps 1e-5 is what that file states (the default is 1e-6).
+BLIP2_FLAN_T5_XL = {
+    "architectures": ["Blip2ForConditionalGeneration"], "model_type": "blip-2", "num_query_tokens": 32,
+    "image_token_index": 32100, "image_text_hidden_size": 256, "use_decoder_only_language_model": False,
+    "torch_dtype": "float32",
+    "qformer_config": {"classifier_dropout": None, "model_type": "blip_2_qformer"},
+    "vision_config": {"dropout": 0.0, "model_type": "blip_2_vision_model", "num_channels": 3, "projection_dim": 512,
+                      "hidden_size": 1408, "num_hidden_layers": 39, "layer_norm_eps": 1e-5},
+    "text_config": {"model_type": "t5", "architectures": ["T5ForConditionalGeneration"], "d_model": 2048,
+                    "d_ff": 5120, "d_kv": 64, "num_heads": 32, "num_layers": 24, "num_decoder_layers": 24,
+                    "feed_forward_proj": "gated-gelu", "dense_act_fn": "gelu", "is_gated_act": True,
+                    "vocab_size": 32128, "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 1,
+                    "pad_token_id": 0, "decoder_start_token_id": 0, "layer_norm_epsilon": 1e-6,
+                    "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128},
+}
 TINY_VOCAB = 320
 TINY = {
     "architectures": ["Blip2ForConditionalGeneration"], "model_type": "blip-2", "num_query_tokens": 8,
@@ -46,15 +66,25 @@ TINY = {
                     "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 128,
                     "eos_token_id": 10, "word_embed_proj_dim": 48},
 }
-PRESETS = {"tiny": TINY, "blip2-opt-2.7b": BLIP2_OPT_2_7B}
-LAYER_KEYS = {"vision_config": 39, "qformer_config": 12, "text_config": 32}  # the defaults, when unset
+PRESETS = {"tiny": TINY, "blip2-opt-2.7b": BLIP2_OPT_2_7B, "blip2-flan-t5-xl": BLIP2_FLAN_T5_XL}
+# The config keys that count each tower's layers; the text tower's by its model_type (T5 has two
+# stacks: transformers' generate wants them equal, so --layers cuts both to N).
+LAYER_KEYS = {"vision_config": ("num_hidden_layers",), "qformer_config": ("num_hidden_layers",),
+              "text_config": {"opt": ("num_hidden_layers",), "t5": ("num_layers", "num_decoder_layers")}}
+
+
+def layer_keys(values):
+    """[(tower, key)] of every layer count in a config dict."""
+    model_type = values["text_config"].get("model_type", "opt")
+    return [(tower, key) for tower, keys in LAYER_KEYS.items()
+            for key in (keys[model_type] if isinstance(keys, dict) else keys)]
 
 
 def preset_config(name, layers=None):
     values = copy.deepcopy(PRESETS[name])
     if layers is not None:
-        for tower in LAYER_KEYS:
-            values[tower]["num_hidden_layers"] = layers
+        for tower, key in layer_keys(values):
+            values[tower][key] = layers
     return values
 
 
@@ -67,9 +97,14 @@ def random_tensor(name, shape, rng, dtype):
 
 
 def write_random_weights(folder, config, seed=0, dtype=np.float32):
-    """Random safetensors shards with the checkpoint's names and shapes, plus the index."""
+    """Random safetensors shards with the checkpoint's names and shapes, plus the index. The tied
+    names (the copies of a table the hub files leave out) are left out too, except an untied
+    config's lm_head (Flan-T5: tie_word_embeddings false), which its files hold."""
     rng = np.random.default_rng(seed)
-    shapes = {k: v for k, v in expected_shapes(config).items() if k not in tied_weights(config)}
+    tied = set(tied_weights(config))
+    if getattr(config.text, "tie_word_embeddings", True) is False:
+        tied.discard("language_model.lm_head.weight")
+    shapes = {k: v for k, v in expected_shapes(config).items() if k not in tied}
     groups, size = [[]], 0
     for name, shape in shapes.items():
         nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
@@ -98,6 +133,8 @@ def write_random_checkpoint(folder, preset="tiny", layers=None, seed=0, dtype=np
     (folder / "config.json").write_text(json.dumps(values, indent=2))
     generation = {"bos_token_id": config.text.bos_token_id, "eos_token_id": config.text.eos_token_id,
                   "pad_token_id": config.text.pad_token_id}
+    if config.text.is_encoder_decoder:  # as the hub's blip2-flan-t5-* generation_config.json
+        generation["decoder_start_token_id"] = config.text.decoder_start_token_id
     (folder / "generation_config.json").write_text(json.dumps(generation, indent=2))
     if preset == "tiny":
         build_tiny_tokenizer(folder, config.text.vocab_size)
