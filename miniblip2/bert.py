@@ -18,7 +18,7 @@ and `BlipTextLMHeadModel` in modeling_blip_text.py; blip.py is their glue).
 Post-LN: each block's output is added to its input and then layer-normed, unlike the pre-LN ViT.
 The same attention block does self-attention (`context` is `x`) and cross-attention (`context`
 is the image): only where the keys and values come from differs. While decoding, the
-self-attention keys and values of the tokens so far are cached (opt.KVCache), and the
+self-attention keys and values of the tokens so far are cached (nn.KVCache), and the
 cross-attention ones are computed once from the context, which does not change (ContextKV).
 
 Legend: B batch, T rows (text tokens, or 32 queries + text tokens in BLIP-2's matching), S keys
@@ -31,9 +31,19 @@ heads (12), K head width (64), F feed-forward width (3072), V vocabulary (30524 
 
 from dataclasses import dataclass
 
-from .nn import (ACTIVATIONS, attention, layer_norm, linear, linear_shapes, merge_heads, namespace, norm_shapes,
-                 split_heads)
-from .opt import KVCache, causal_mask, new_cache, reorder_cache
+from .nn import (
+    ACTIVATIONS,
+    KVCache,
+    attention,
+    layer_norm,
+    linear,
+    linear_shapes,
+    merge_heads,
+    namespace,
+    norm_shapes,
+    split_heads,
+)
+from .opt import causal_mask, new_cache
 from .runtime.precision import like_weight, widen
 from .runtime.trace import PROBS, record
 
@@ -197,10 +207,7 @@ def attention_block_kv(x, keys, values, w, config, mask=None):  # [B, T, D], [B,
 def self_attention_block(x, w, config, mask, cache=None, layer_index=0):  # [B, T, D] -> [B, T, D]
     keys, values = project_kv(x, inner_attention(w), config.num_attention_heads)  # [B, H, T, K]
     if cache is not None:
-        start, end = cache.length, cache.length + x.shape[1]
-        cache.keys[layer_index][:, :, start:end] = keys
-        cache.values[layer_index][:, :, start:end] = values
-        keys, values = cache.keys[layer_index][:, :, :end], cache.values[layer_index][:, :, :end]  # [B, H, S, K]
+        keys, values = cache.add(layer_index, keys, values)  # [B, H, S, K]
     return attention_block_kv(x, keys, values, w, config, mask)
 
 
@@ -334,7 +341,7 @@ class BlipDecoding:
     # The context's keys and values stay: beam search moves a row only within its input's group
     # of beams (loops.py), whose rows all read the same image or question.
     def reorder(self, state, rows):  # rows [R]: the old row each new row continues
-        cache = reorder_cache(state.cache, rows) if state.cache is not None else None
+        cache = state.cache.reorder(rows) if state.cache is not None else None
         return BlipState(cache, state.ids[rows], state.attention_mask[rows], state.positions[rows])
 
     def _logits(self, new_ids, state):

@@ -10,6 +10,7 @@ A weight `w` is the checkpoint's own dict for one module: `w["weight"]` in PyTor
 """
 
 import math
+from dataclasses import dataclass
 
 from .runtime.device import namespace, on_host
 from .runtime.precision import in_float32, like_weight, matmul, widen
@@ -162,3 +163,35 @@ def linear_shapes(prefix, n_out, n_in, bias=True):
 
 def norm_shapes(prefix, n, bias=True):
     return {f"{prefix}.weight": (n,)} | ({f"{prefix}.bias": (n,)} if bias else {})
+
+
+# DynamicCache, preallocated: one [B, H, capacity, K] buffer per layer for keys and for values,
+# filled up to `length`. Every decoder (OPT, T5's, BLIP's) caches its self-attention this way.
+@dataclass
+class KVCache:
+    keys: list
+    values: list
+    length: int = 0
+
+    @classmethod
+    def zeros(cls, num_layers, shape, dtype, xp):  # shape [B, H, capacity, K]
+        return cls([xp.zeros(shape, dtype=dtype) for _ in range(num_layers)],
+                   [xp.zeros(shape, dtype=dtype) for _ in range(num_layers)])
+
+    @property
+    def capacity(self):
+        return self.keys[0].shape[2]
+
+    # The new tokens' keys and values written at the end (in place, no copy of the past), and
+    # every key and value so far for the queries to read. The caller advances `length` once
+    # all layers have run.
+    def add(self, layer_index, k, v):  # [B, H, T, K] x2 -> [B, H, S, K] x2
+        start, end = self.length, self.length + k.shape[2]
+        self.keys[layer_index][:, :, start:end] = k
+        self.values[layer_index][:, :, start:end] = v
+        return self.keys[layer_index][:, :, :end], self.values[layer_index][:, :, :end]
+
+    # Cache.reorder_cache, for beam search: row i of the new cache is row rows[i] of the old one,
+    # so each surviving beam keeps the keys and values of the beam it extends.
+    def reorder(self, rows):  # [R] indices into the cache's rows
+        return KVCache([k[rows] for k in self.keys], [v[rows] for v in self.values], self.length)

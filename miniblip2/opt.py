@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from .errors import CheckpointError
 from .nn import (
     ACTIVATIONS,
+    KVCache,
     attention,
     layer_norm,
     linear,
@@ -88,30 +89,11 @@ def tied_weights(config):
     return {"lm_head.weight": "model.decoder.embed_tokens.weight"}
 
 
-# DynamicCache, preallocated: one [B, H, capacity, K] buffer per layer for keys and for values,
-# filled up to `length`.
-@dataclass
-class KVCache:
-    keys: list
-    values: list
-    length: int = 0
-
-    @property
-    def capacity(self):
-        return self.keys[0].shape[2]
-
-
+# An empty KV cache (nn.KVCache) for `capacity` tokens of every layer.
 def new_cache(config, batch_size, capacity, dtype, xp):
     H = config.num_attention_heads
-    shape = (batch_size, H, capacity, config.hidden_size // H)
-    layers = range(config.num_hidden_layers)
-    return KVCache([xp.zeros(shape, dtype=dtype) for _ in layers], [xp.zeros(shape, dtype=dtype) for _ in layers])
-
-
-# Cache.reorder_cache, for beam search: row i of the new cache is row beam_idx[i] of the old one,
-# so each surviving beam keeps the keys and values of the beam it extends.
-def reorder_cache(cache, beam_idx):  # [R] indices into the cache's rows
-    return KVCache([k[beam_idx] for k in cache.keys], [v[beam_idx] for v in cache.values], cache.length)
+    shape = (batch_size, H, capacity, config.hidden_size // H)  # [B, H, capacity, K]
+    return KVCache.zeros(config.num_hidden_layers, shape, dtype, xp)
 
 
 # OPTLearnedPositionalEmbedding: a token's position is the number of real tokens up to it,
@@ -150,11 +132,7 @@ def opt_attention(x, w, num_heads, mask, cache=None, layer_index=0):  # [B, T, D
     k = split_heads(linear(x, w["k_proj"]), num_heads)
     v = split_heads(linear(x, w["v_proj"]), num_heads)
     if cache is not None:
-        start, end = cache.length, cache.length + x.shape[1]
-        cache.keys[layer_index][:, :, start:end] = k
-        cache.values[layer_index][:, :, start:end] = v
-        k = cache.keys[layer_index][:, :, :end]  # [B, H, S, K]
-        v = cache.values[layer_index][:, :, :end]
+        k, v = cache.add(layer_index, k, v)  # [B, H, S, K]
     out, probs = attention(q, k, v, scale=1.0, mask=mask)
     record(w, probs, PROBS)  # [B, H, T, S]: kept only when tracing (trace.py)
     return linear(merge_heads(out), w["out_proj"])
@@ -238,7 +216,7 @@ class OPTDecoding:
         return self._logits(new_embeds, OPTState(state.cache, embeds, mask, positions))
 
     def reorder(self, state, rows):  # rows [R]: the old row each new row continues
-        cache = reorder_cache(state.cache, rows) if state.cache is not None else None
+        cache = state.cache.reorder(rows) if state.cache is not None else None
         return OPTState(cache, state.embeds[rows], state.attention_mask[rows], state.positions[rows])
 
     def _logits(self, new_embeds, state):

@@ -27,6 +27,7 @@ from .checkpoint.config import from_dict
 from .errors import CheckpointError
 from .nn import (
     ACTIVATIONS,
+    KVCache,
     attention,
     linear,
     linear_shapes,
@@ -36,7 +37,6 @@ from .nn import (
     rms_norm,
     split_heads,
 )
-from .opt import KVCache, reorder_cache
 from .runtime.precision import widen
 from .runtime.trace import PROBS, record
 
@@ -226,11 +226,7 @@ def t5_attention(x, keys, values, w, num_heads, bias):  # [B, N, D], [B, H, S, K
 def self_attention(x, w, num_heads, bias, cache=None, layer_index=0):  # [B, N, D] -> [B, N, D]
     k, v = project_kv(x, w, num_heads)  # [B, H, N, K]
     if cache is not None:
-        start, end = cache.length, cache.length + x.shape[1]
-        cache.keys[layer_index][:, :, start:end] = k
-        cache.values[layer_index][:, :, start:end] = v
-        k = cache.keys[layer_index][:, :, :end]  # [B, H, S, K]
-        v = cache.values[layer_index][:, :, :end]
+        k, v = cache.add(layer_index, k, v)  # [B, H, S, K]
     return t5_attention(x, k, v, w, num_heads, bias)
 
 
@@ -391,16 +387,14 @@ class T5Decoding:
     # rows all hold the same encoder output, so copying them (80 MB a step for xl with 5 beams)
     # would change nothing.
     def reorder(self, state, rows):  # rows [R]: the old row each new row continues
-        cache = reorder_cache(state.cache, rows) if state.cache is not None else None
+        cache = state.cache.reorder(rows) if state.cache is not None else None
         return T5State(cache, state.cross, state.ids[rows])
 
     # The start token and the fed-back ids (max_new_tokens - 1 in the loops), with one to spare.
     def _new_cache(self, like):
         xp, c = namespace(like), self.config
         shape = (like.shape[0], c.num_heads, 1 + self.max_new_tokens, c.d_kv)  # [R, H, capacity, K]
-        layers = range(c.num_decoder_layers)
-        return KVCache([xp.zeros(shape, dtype=like.dtype) for _ in layers],
-                       [xp.zeros(shape, dtype=like.dtype) for _ in layers])
+        return KVCache.zeros(c.num_decoder_layers, shape, like.dtype, xp)
 
     def _logits(self, new_ids, state):
         xp = namespace(new_ids)

@@ -121,11 +121,4 @@ def tiny_blip_matching_model(cls, config, seed=0):
     """A random `cls` (BlipForImageTextRetrieval, BlipModel, BlipTextModel, BlipVisionModel) in
     fp32, eval mode, every parameter re-drawn as in tiny_model (logit_scale included)."""
     torch.manual_seed(seed)
-    model = cls(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("LayerNorm.weight") or "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-            else:
-                p.copy_(0.2 * torch.randn_like(p))
-    return model
+    return redrawn(cls(config))
