@@ -10,7 +10,8 @@
         draws a new shapes scene, saves it, and prints its true caption beside the model's
     miniblip2 match IMAGE TEXT [TEXT ...] --weights DIR|ID [--device cpu|cuda] [--dtype ...]
         ranks the texts by how well each describes the image, with an image-text retrieval
-        checkpoint (blip2-itm-vit-g): the matching probability (ITM) and the similarity (ITC)
+        checkpoint (blip2-itm-vit-g, blip-itm-base-coco): the matching probability (ITM) and the
+        similarity (ITC)
     miniblip2 download ID [--dir DIR]
         fetches a checkpoint from the Hugging Face hub, only the files miniblip2 reads (hub.py)
 Without --weights (and $MINIBLIP2_WEIGHTS) they use the shapes model shipped in weights/shapes-tiny,
