@@ -41,7 +41,7 @@ from .glue import check_mask
 from .nn import layer_norm, linear, linear_shapes, softmax
 from .qformer import QFormerConfig, qformer_model, text_embedding_shapes
 from .qformer import expected_shapes as qformer_shapes
-from .retrieval import l2_normalize, text_list
+from .retrieval import check_text_lengths, l2_normalize, text_list
 from .runtime.device import to_numpy
 from .runtime.precision import check_dtype, like_weight, matmul, widen
 from .runtime.trace import record
@@ -272,10 +272,8 @@ class Blip2Retrieval(_Blip2QFormerStages):
         processor = self._need_processor()
         inputs = processor.text_inputs(texts, with_images, "right")  # BertTokenizer pads on the right
         lengths = inputs["attention_mask"].sum(axis=1) - (processor.num_query_tokens if with_images else 0)  # [N]
-        limit = self.config.qformer.max_position_embeddings
-        for i in np.flatnonzero(lengths > limit)[:1]:
-            raise PromptError(f"texts[{i}] ({texts[i][:40]!r}...) is {lengths[i]} tokens long, more than the {limit} "
-                              "positions of the Q-Former (qformer_config.max_position_embeddings); shorten it")
+        check_text_lengths(texts, lengths, self.config.qformer.max_position_embeddings,
+                           "the Q-Former (qformer_config.max_position_embeddings)")
         return inputs["input_ids"], inputs["attention_mask"]
 
 

@@ -52,7 +52,7 @@ from .checkpoint.processor import has_processor_files, load_blip_processor
 from .errors import CheckpointError, ImageError, PromptError
 from .glue import ImageModel, as_int_array, check_mask
 from .nn import layer_norm, linear, linear_shapes, namespace, softmax
-from .retrieval import l2_normalize, text_list
+from .retrieval import check_text_lengths, l2_normalize, text_list
 from .runtime.device import to_numpy
 from .runtime.precision import check_dtype, like_weight, matmul, widen
 from .runtime.trace import record
@@ -153,10 +153,8 @@ class _BlipTextStages(ImageModel):
     def _text_inputs(self, texts):  # N texts -> [N, L] ids and mask
         inputs = self._need_processor().text_inputs(texts, False, "right")
         lengths = inputs["attention_mask"].sum(axis=1)  # [N]
-        limit = self.config.text.max_position_embeddings
-        for i in np.flatnonzero(lengths > limit)[:1]:
-            raise PromptError(f"texts[{i}] ({texts[i][:40]!r}...) is {lengths[i]} tokens long, more than the {limit} "
-                              "positions of the text model (text_config.max_position_embeddings); shorten it")
+        check_text_lengths(texts, lengths, self.config.text.max_position_embeddings,
+                           "the text model (text_config.max_position_embeddings)")
         return inputs["input_ids"], inputs["attention_mask"]
 
 

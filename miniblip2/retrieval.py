@@ -36,6 +36,16 @@ class Match:
     similarity: float  # ITC: the cosine between the image's and the text's embeddings, in [-1, 1]
 
 
+# The texts' token counts [N] against the text model's position table (`where` names its config
+# key): the first text that does not fit is named, before any product.
+def check_text_lengths(texts, lengths, limit, where):
+    too_long = [i for i, n in enumerate(lengths.tolist()) if n > limit]
+    if too_long:
+        i = too_long[0]
+        raise PromptError(f"texts[{i}] ({texts[i][:40]!r}...) is {lengths[i]} tokens long, more than the {limit} "
+                          f"positions of {where}; shorten it")
+
+
 def text_list(texts, argument="texts") -> list[str]:
     items = [texts] if isinstance(texts, str) else texts
     if not isinstance(items, (list, tuple)) or not all(isinstance(t, str) for t in items):
