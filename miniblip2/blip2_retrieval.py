@@ -37,7 +37,7 @@ from .checkpoint.config import check_field, read_config_json
 from .checkpoint.loading import check_processor_fits, check_tokenizer_present, checkpoint_folder, load_weights
 from .checkpoint.processor import has_processor_files, load_processor, load_retrieval_processor
 from .errors import CheckpointError, ImageError, PromptError
-from .glue import check_mask
+from .glue import as_int_array, check_mask
 from .nn import layer_norm, linear, linear_shapes, softmax
 from .qformer import QFormerConfig, qformer_model, text_embedding_shapes
 from .qformer import expected_shapes as qformer_shapes
@@ -90,17 +90,8 @@ def _prefixed(prefix, shapes):
 
 # --- input checks: one clear error, naming the argument, before any product ---------------
 
-def _int_rows(values, name):
-    try:
-        array = to_numpy(values)
-    except (ValueError, TypeError) as err:  # ragged lists, objects NumPy cannot hold
-        raise PromptError(f"{name} must be a 2-D integer array [texts, tokens]; got a {type(values).__name__} "
-                          f"that is not one ({err})") from err
-    array = array[None] if array.ndim == 1 else array
-    if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer) or 0 in array.shape:
-        raise PromptError(f"{name} must be a 2-D integer array [texts, tokens] with at least one text; "
-                          f"got {array.dtype} {array.shape}")
-    return array.astype(np.int64)
+def _int_rows(values, name):  # [texts, tokens] ids or mask, int64 on the host
+    return as_int_array(values, name, rows="texts", least="text")
 
 
 class _Blip2QFormerStages(Blip2Stages):

@@ -29,16 +29,18 @@ from .vision import vision_model
 
 
 # Token ids as the model takes them: [B, T] int64 on the host (one row may be given as [T]).
-def as_int_array(values, name):
+# `rows` and `least` name the rows and what may not be missing in the message (a text model:
+# "texts", "text").
+def as_int_array(values, name, rows="batch", least="token"):
     try:
         array = to_numpy(values)
     except (ValueError, TypeError) as err:  # ragged lists, objects NumPy cannot hold
-        raise PromptError(f"{name} must be a 2-D integer array [batch, tokens]; got a {type(values).__name__} "
+        raise PromptError(f"{name} must be a 2-D integer array [{rows}, tokens]; got a {type(values).__name__} "
                           f"that is not one ({err})") from err
     if array.ndim == 1:
         array = array[None]
     if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer) or 0 in array.shape:
-        raise PromptError(f"{name} must be a 2-D integer array [batch, tokens] with at least one token; got "
+        raise PromptError(f"{name} must be a 2-D integer array [{rows}, tokens] with at least one {least}; got "
                           f"{array.dtype} {array.shape}")
     return array.astype(np.int64)
 
