@@ -31,10 +31,8 @@ import datetime
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -47,16 +45,15 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from common import IMAGE, write_section
 from cpu import (
-    THREAD_VARIABLES,
     Stages,
     TokenClock,
     _numpy_blas,
     _version,
-    busy_seconds,
     machine_description,
     measure_machine,
     nbytes,
     peak_rss,
+    run_measured,
     seconds,
     vision_flops,
 )
@@ -197,23 +194,10 @@ def run_transformers(folder, kind, reps, tokens, threads):
 # --- children -------------------------------------------------------------------------------
 
 def run_child(kind, args, folder=None, model=None):
-    env = dict(os.environ, **{name: str(args.threads) for name in THREAD_VARIABLES})
     command = [sys.executable, __file__, "--child", kind, "--reps", str(args.reps), "--threads", str(args.threads)]
     if folder:
         command += ["--weights", str(folder), "--kind", MODELS[model]]
-    before = os.getloadavg()[0]
-    print(f"running {kind} {model or ''} (load average {before:.2f}) ...", file=sys.stderr)
-    usage, busy, start = resource.getrusage(resource.RUSAGE_CHILDREN), busy_seconds(), time.perf_counter()
-    done = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True, check=False)
-    wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
-    if done.returncode != 0:
-        sys.exit(f"the {kind} process failed (exit status {done.returncode})")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    own = after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime
-    others = None if busy is None else max(0.0, busy_seconds() - busy - own) / (wall * os.cpu_count())
-    result |= {"loadavg": [before, os.getloadavg()[0]], "others": others}
-    print(f"  done in {wall:.0f} s (load average {result['loadavg'][1]:.2f})", file=sys.stderr)
-    return result
+    return run_measured(command, f"{kind} {model or ''}".strip(), args.threads)
 
 
 def child_main(args):

@@ -52,7 +52,11 @@ sys.path.insert(0, str(REPO))
 from common import PROMPT_IDS, StageClock, bench_inputs, write_section  # noqa: E402  (bench/common.py)
 
 from miniblip2.blip2 import config_from_dict, expected_shapes, tied_weights  # noqa: E402
-from miniblip2.checkpoint.safetensors import CheckpointError, check_weights, load_checkpoint  # noqa: E402
+from miniblip2.checkpoint.safetensors import (  # noqa: E402
+    CheckpointError,
+    check_weights,
+    load_checkpoint,
+)
 from miniblip2.testing.random_checkpoint import preset_config, write_random_checkpoint  # noqa: E402
 
 MODELS = ("blip2-opt-2.7b", "blip2-flan-t5-xl")  # random_checkpoint presets
@@ -339,21 +343,27 @@ def busy_seconds():
 # machine was busy beyond the child's own CPU time (0.0: only the child ran; 0.5: half the
 # cores went to someone else).
 def run_child(kind, args):
-    env = dict(os.environ, **{name: str(args.threads) for name in THREAD_VARIABLES})
     command = [sys.executable, __file__, "--child", kind, "--weights", str(args.folder), "--reps", str(args.reps),
                "--tokens", str(args.tokens), "--threads", str(args.threads)]
+    return run_measured(command, kind, args.threads)
+
+
+# Run one child `command` with `threads` BLAS/OpenMP threads; its last stdout line is its JSON
+# result, to which the load average before and after and the others' share of the cores are added.
+def run_measured(command, label, threads):
+    env = dict(os.environ, **{name: str(threads) for name in THREAD_VARIABLES})
     before = os.getloadavg()[0]
-    print(f"running {kind} (load average {before:.2f}) ...", file=sys.stderr)
+    print(f"running {label} (load average {before:.2f}) ...", file=sys.stderr)
     usage, busy, start = resource.getrusage(resource.RUSAGE_CHILDREN), busy_seconds(), time.perf_counter()
     done = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True)
     wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
-        sys.exit(f"the {kind} process failed (exit status {done.returncode})")
+        sys.exit(f"the {label} process failed (exit status {done.returncode})")
     result = json.loads(done.stdout.strip().splitlines()[-1])
     own = after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime
     others = None if busy is None else max(0.0, busy_seconds() - busy - own) / (wall * os.cpu_count())
     result |= {"loadavg": [before, os.getloadavg()[0]], "others": others}
-    print(f"  {kind} done in {wall:.0f} s (load average {result['loadavg'][1]:.2f}; others used "
+    print(f"  {label} done in {wall:.0f} s (load average {result['loadavg'][1]:.2f}; others used "
           f"{'?' if others is None else f'{others:.0%}'} of the cores)", file=sys.stderr)
     return result
 
