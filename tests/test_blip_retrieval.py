@@ -26,15 +26,28 @@ import numpy as np
 import pytest
 import torch
 from conftest import REFERENCE
-from tiny import (BLIP_BOS, BLIP_PAD, BLIP_SEP, BLIP_VOCAB_SIZE, tiny_blip_config, tiny_blip_matching_config,
-                  tiny_blip_matching_model)
-from transformers import BlipForImageTextRetrieval, BlipModel, BlipProcessor, BlipTextModel, BlipVisionModel
+from test_blip import add_processor_files
+from tiny import (
+    BLIP_BOS,
+    BLIP_PAD,
+    BLIP_SEP,
+    BLIP_VOCAB_SIZE,
+    tiny_blip_config,
+    tiny_blip_matching_config,
+    tiny_blip_matching_model,
+)
+from transformers import (
+    BlipForImageTextRetrieval,
+    BlipModel,
+    BlipProcessor,
+    BlipTextModel,
+    BlipVisionModel,
+)
 
 import miniblip2
 from miniblip2 import blip_retrieval, cli, families, retrieval
 from miniblip2.errors import CheckpointError, ImageError, MiniBlip2Error, PromptError
 from miniblip2.runtime.device import to_numpy
-from miniblip2.testing.tiny_tokenizer import build_tiny_bert_tokenizer
 
 TOL = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 4e-2}
 TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -55,14 +68,6 @@ MODELS = {
     "text-model": (BlipTextModel, CONFIG.text_config),
     "vision-model": (BlipVisionModel, CONFIG.vision_config),
 }
-
-
-def add_processor_files(folder, image_size):
-    """The tiny BERT tokenizer ([DEC] its last id, as the model's BOS) and a BLIP preprocessor."""
-    assert build_tiny_bert_tokenizer(folder, BLIP_VOCAB_SIZE - 1) == BLIP_BOS
-    (Path(folder) / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "BlipImageProcessor", "processor_class": "BlipProcessor", "resample": 3,
-        "size": {"height": image_size, "width": image_size}, "do_resize": True, "do_normalize": True}))
 
 
 @pytest.fixture(scope="session")
